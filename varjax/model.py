@@ -1,0 +1,125 @@
+"""The public facade: a converted checkpoint as a model with four calls.
+
+    model = varjax.load("converted/d16")
+    tokens = model.tokenize(images_uint8)              # K int32 arrays (B, pn*pn)
+    logits, acts = model.teacher_forced(labels, tokens)  # (B, L, V), {'blocks.3.ffn.fc1': (B, 4C)}
+    recon = model.decode(tokens)                       # (B, H, W, 3) float32 in [-1, 1]
+
+Each call is jit-compiled once per input shape. Computation follows
+`jax.default_matmul_precision` at the call site ('highest' for parity, see tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.config import ModelConfig
+from varjax.taps import COLLECTION, TapConfig, collect
+from varjax.var import VAR
+from varjax.vqvae import VQVAE
+
+
+@dataclasses.dataclass
+class Model:
+    """A VQVAE and/or VAR with their parameters (`params['vqvae']`, `params['var']`)."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    taps: TapConfig = TapConfig()
+
+    def __post_init__(self):
+        self.vqvae = VQVAE(self.config.vqvae) if self.config.vqvae is not None else None
+        self.var = VAR(self.config.var, self.taps) if self.config.var is not None else None
+
+    def _need(self, part: str):
+        if getattr(self, part) is None:
+            raise ValueError(f"this checkpoint has no {part} (convert it with --{part[:3]})")
+
+    # -- the VQVAE side -------------------------------------------------------------------
+    def tokenize(self, images: np.ndarray) -> list[jnp.ndarray]:
+        """uint8 (B, H, W, 3) RGB -> list of K int32 arrays (B, pn*pn), row-major."""
+        self._need("vqvae")
+        images = jnp.asarray(images)
+        if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"tokenize wants uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}")
+        return _tokenize(self.vqvae, self.config.patch_nums, self.params["vqvae"], images)
+
+    def var_input(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
+        """Token indices -> the teacher-forcing input (B, L - 1, Cv)."""
+        self._need("vqvae")
+        return _var_input(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+
+    def decode(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
+        """Token indices -> VQVAE reconstruction, float32 (B, H, W, 3) in [-1, 1]."""
+        self._need("vqvae")
+        return _decode(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+
+    # -- the transformer ------------------------------------------------------------------
+    def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None):
+        """Teacher-forced forward, as in training.
+
+        Args:
+          labels: int (B,) in [0, num_classes] (num_classes = the null class).
+          tokens: K int arrays (B, pn*pn), from `tokenize`.
+          drop: optional bool (B,), class dropout made explicit (default: none dropped).
+        Returns:
+          logits float32 (B, L, V); acts {site: float32 (B, units)}, the per-unit mean over
+          tokens of |value| at every recorded site (`blocks.{i}.attn.proj`, `.ffn.fc1`, `.ffn.fc2`).
+        """
+        self._need("vqvae")
+        self._need("var")
+        labels = jnp.asarray(labels, jnp.int32)
+        x = self.var_input(tokens)
+        logits, taps = _teacher_forced(self.var, self.params["var"], labels, x, drop)
+        return logits, collect(taps)
+
+
+# Module objects are hashable dataclasses, so they can be static jit arguments.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tokenize(vqvae: VQVAE, patch_nums, params, images):
+    return vqvae.apply({"params": params}, images, patch_nums, method=VQVAE.tokenize)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _var_input(vqvae: VQVAE, patch_nums, params, tokens):
+    return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.var_input)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(vqvae: VQVAE, patch_nums, params, tokens):
+    return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.decode)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _teacher_forced(var: VAR, params, labels, x, drop):
+    logits, state = var.apply({"params": params}, labels, x, drop, mutable=[COLLECTION])
+    return logits, state.get(COLLECTION, {})
+
+
+def load(path, taps: TapConfig = TapConfig()) -> Model:
+    """A model for a directory written by `python -m convert`."""
+    from varjax.checkpoint import load_converted
+
+    config, params = load_converted(path)
+    return Model(config, params, taps)
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Random parameters in the converted layout (for tests, benchmarks and training)."""
+    key_vae, key_var = jax.random.split(jax.random.key(seed))
+    params: dict[str, Any] = {}
+    H = config.resolution
+    if config.vqvae is not None:
+        params["vqvae"] = VQVAE(config.vqvae).init(
+            key_vae, jnp.zeros((1, H, H, 3), jnp.uint8), config.patch_nums)["params"]
+    if config.var is not None:
+        v = config.var
+        params["var"] = VAR(v).init(
+            key_var, jnp.zeros((1,), jnp.int32), jnp.zeros((1, v.seq_len - 1, v.z_channels)))["params"]
+    return params

@@ -1,0 +1,283 @@
+"""The multi-scale VQVAE: encoder, decoder and the residual quantizer (tokens <-> latents).
+
+Ports upstream `models/basic_vae.py` (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample,
+Upsample), `models/quant.py` (VectorQuantizer2, Phi, PhiPartiallyShared) and
+`models/vqvae.py` (VQVAE). Layout is NHWC throughout (upstream is NCHW).
+
+Shape letters: B batch, H/W spatial, C channels, Cv latent channels (Cvae), V vocabulary,
+pn side of one scale's token map, K number of scales.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax import resize
+from varjax.config import VQVAEConfig
+
+
+def _norm(name: str | None = None) -> nn.GroupNorm:
+    # Upstream `Normalize`: GroupNorm(32, eps=1e-6, affine). The two-pass variance matches
+    # PyTorch; flax's default one-pass E[x^2]-E[x]^2 loses digits on large activations.
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, name=name)
+
+
+def _conv(features: int, kernel: int = 3, name: str | None = None) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, name=name)
+
+
+class ResnetBlock(nn.Module):
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        h = _conv(self.out_channels, name="conv1")(nn.silu(_norm("norm1")(x_BHWC)))
+        h = _conv(self.out_channels, name="conv2")(nn.silu(_norm("norm2")(h)))
+        if x_BHWC.shape[-1] != self.out_channels:
+            x_BHWC = _conv(self.out_channels, 1, name="nin_shortcut")(x_BHWC)
+        return x_BHWC + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions (q, k, v from one 1x1 conv)."""
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        B, H, W, C = x_BHWC.shape
+        qkv = _conv(3 * C, 1, name="qkv")(_norm("norm")(x_BHWC)).reshape(B, H * W, 3 * C)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # upstream splits channels in the order q, k, v
+        w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) * C**-0.5, axis=-1)
+        h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
+        return x_BHWC + _conv(C, 1, name="proj_out")(h)
+
+
+class Downsample(nn.Module):
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        # Upstream pads right and bottom by one zero, then a 3x3 stride-2 conv without padding.
+        x = jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding="VALID", name="conv")(x)
+
+
+class Upsample(nn.Module):
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        x = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)  # nearest, x2
+        return _conv(x.shape[-1], name="conv")(x)
+
+
+class _Level(nn.Module):
+    """One resolution level: ResnetBlocks, each followed by an AttnBlock where `attn`."""
+
+    out_channels: int
+    num_blocks: int
+    attn: bool
+    resample: str | None  # "down", "up" or None
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+        for i in range(self.num_blocks):
+            h = ResnetBlock(self.out_channels, name=f"block_{i}")(h)
+            if self.attn:
+                h = AttnBlock(name=f"attn_{i}")(h)
+        if self.resample == "down":
+            h = Downsample(name="downsample")(h)
+        elif self.resample == "up":
+            h = Upsample(name="upsample")(h)
+        return h
+
+
+class _Mid(nn.Module):
+    channels: int
+    attn: bool
+
+    @nn.compact
+    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+        h = ResnetBlock(self.channels, name="block_1")(h)
+        if self.attn:
+            h = AttnBlock(name="attn_1")(h)
+        return ResnetBlock(self.channels, name="block_2")(h)
+
+
+class Encoder(nn.Module):
+    config: VQVAEConfig
+
+    @nn.compact
+    def __call__(self, x_BHW3: jnp.ndarray) -> jnp.ndarray:
+        c = self.config
+        n = len(c.ch_mult)
+        h = _conv(c.ch, name="conv_in")(x_BHW3)
+        for i, mult in enumerate(c.ch_mult):
+            last = i == n - 1
+            h = _Level(c.ch * mult, c.num_res_blocks, attn=last and c.using_sa,
+                       resample=None if last else "down", name=f"down_{i}")(h)
+        h = _Mid(c.ch * c.ch_mult[-1], c.using_mid_sa, name="mid")(h)
+        return _conv(c.z_channels, name="conv_out")(nn.silu(_norm("norm_out")(h)))
+
+
+class Decoder(nn.Module):
+    config: VQVAEConfig
+
+    @nn.compact
+    def __call__(self, z_BhwCv: jnp.ndarray) -> jnp.ndarray:
+        c = self.config
+        n = len(c.ch_mult)
+        h = _conv(c.ch * c.ch_mult[-1], name="conv_in")(z_BhwCv)
+        h = _Mid(c.ch * c.ch_mult[-1], c.using_mid_sa, name="mid")(h)
+        # Upstream builds `up` in reverse and inserts at 0, so up.{n-1} runs first.
+        for i in reversed(range(n)):
+            h = _Level(c.ch * c.ch_mult[i], c.num_res_blocks + 1, attn=i == n - 1 and c.using_sa,
+                       resample="up" if i != 0 else None, name=f"up_{i}")(h)
+        h = _conv(3, name="conv_out")(nn.silu(_norm("norm_out")(h)))
+        return jnp.clip(h, -1.0, 1.0)
+
+
+class Phi(nn.Conv):
+    """Phi(h) = (1 - r) * h + r * conv3x3(h): the residual refiner of each scale.
+
+    A Conv subclass, as upstream's `Phi(nn.Conv2d)`, so its kernel sits at `qresi_ls_i/kernel`.
+    """
+
+    ratio: float = 0.5
+
+    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+        return h * (1 - self.ratio) + super().__call__(h) * self.ratio
+
+
+def phi_index(si: int, num_scales: int, num_phi: int) -> int:
+    """Which of the partially shared Phi convs scale `si` uses (upstream PhiPartiallyShared)."""
+    k = num_phi
+    ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
+    at = si / (num_scales - 1) if num_scales > 1 else 1.0
+    return int(np.argmin(np.abs(ticks - at)))  # first on ties, as numpy's argmin
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook and Phi convs; methods map latents <-> per-scale token indices."""
+
+    config: VQVAEConfig
+
+    def setup(self):
+        c = self.config
+        self.embedding = nn.Embed(c.vocab_size, c.z_channels)
+        self.quant_resi = _PhiList(c.share_quant_resi, c.z_channels, c.quant_resi)
+
+    def _phi(self, h: jnp.ndarray, si: int, num_scales: int) -> jnp.ndarray:
+        return self.quant_resi(h, phi_index(si, num_scales, self.config.share_quant_resi))
+
+    def _scale_map(self, idx_Bl: jnp.ndarray, pn: int, hw: int, last: bool, si: int, K: int):
+        """Codebook vectors of one scale, bicubic-upsampled to the latent size, through Phi."""
+        h = self.embedding(idx_Bl).reshape(idx_Bl.shape[0], pn, pn, -1)
+        if not last:  # upstream skips the resize at the last scale (already at full size)
+            h = resize.bicubic(h, hw)
+        return self._phi(h, si, K)
+
+    def f_to_idx(self, f_BhwCv: jnp.ndarray, patch_nums: Sequence[int]) -> list[jnp.ndarray]:
+        """Latent f -> list of K int32 arrays (B, pn*pn), row-major (f_to_idxBl_or_fhat)."""
+        B, hw, _, Cv = f_BhwCv.shape
+        K = len(patch_nums)
+        e_VC = self.embedding.embedding
+        e_sq = jnp.sum(jnp.square(e_VC), axis=1)
+        f_rest = f_BhwCv
+        out = []
+        for si, pn in enumerate(patch_nums):
+            last = si == K - 1
+            z = f_rest if last else resize.area(f_rest, pn)
+            z_NC = z.reshape(-1, Cv)
+            # Same expression and order as upstream: (|z|^2 + |e|^2) - 2 z.e, argmin first on ties.
+            d = jnp.sum(jnp.square(z_NC), axis=1, keepdims=True) + e_sq[None, :]
+            d = d - 2.0 * (z_NC @ e_VC.T)
+            idx = jnp.argmin(d, axis=1).astype(jnp.int32).reshape(B, pn * pn)
+            h = self._scale_map(idx, pn, hw, last, si, K)
+            f_rest = f_rest - h
+            out.append(idx)
+        return out
+
+    def idx_to_fhat(self, idx: Sequence[jnp.ndarray], patch_nums: Sequence[int]) -> jnp.ndarray:
+        """Token indices of all scales -> f_hat (B, h, w, Cv), the decoder's input."""
+        K = len(patch_nums)
+        hw = patch_nums[-1]
+        f_hat = 0.0
+        for si, pn in enumerate(patch_nums):
+            f_hat = f_hat + self._scale_map(idx[si], pn, hw, si == K - 1, si, K)
+        return f_hat
+
+    def idx_to_var_input(self, idx: Sequence[jnp.ndarray], patch_nums: Sequence[int]) -> jnp.ndarray:
+        """Teacher-forcing input x_BLCv_wo_first_l (B, L - 1, Cv) (idxBl_to_var_input).
+
+        Not each scale's own embedding: the accumulated f_hat after scales 0..si, area-
+        downsampled to the next scale's size. This is what the model was trained on.
+        """
+        K = len(patch_nums)
+        hw = patch_nums[-1]
+        B = idx[0].shape[0]
+        f_hat = 0.0
+        nxt = []
+        for si in range(K - 1):
+            # Upstream always bicubic-resizes here, even at the last-but-one scale.
+            f_hat = f_hat + self._scale_map(idx[si], patch_nums[si], hw, False, si, K)
+            pn = patch_nums[si + 1]
+            nxt.append(resize.area(f_hat, pn).reshape(B, pn * pn, -1))
+        return jnp.concatenate(nxt, axis=1)
+
+    def __call__(self, f_BhwCv: jnp.ndarray, patch_nums: Sequence[int]):
+        idx = self.f_to_idx(f_BhwCv, patch_nums)
+        return idx, self.idx_to_fhat(idx, patch_nums), self.idx_to_var_input(idx, patch_nums)
+
+
+class _PhiList(nn.Module):
+    """quant_resi.qresi_ls.{0..n-1}: the partially shared Phi convs."""
+
+    num: int
+    channels: int
+    ratio: float
+
+    def setup(self):
+        self.qresi_ls = [Phi(self.channels, (3, 3), padding=1, ratio=self.ratio) for _ in range(self.num)]
+
+    def __call__(self, h: jnp.ndarray, i: int) -> jnp.ndarray:
+        return self.qresi_ls[i](h)
+
+
+class VQVAE(nn.Module):
+    """Encoder + quant_conv + quantizer + post_quant_conv + decoder (upstream VQVAE)."""
+
+    config: VQVAEConfig
+
+    def setup(self):
+        c = self.config
+        self.encoder = Encoder(c)
+        self.decoder = Decoder(c)
+        self.quant_conv = _conv(c.z_channels)
+        self.post_quant_conv = _conv(c.z_channels)
+        self.quantize = VectorQuantizer(c)
+
+    def encode(self, images_BHW3: jnp.ndarray) -> jnp.ndarray:
+        """uint8 or [-1, 1] float images (B, H, W, 3) -> latent f (B, h, w, Cv)."""
+        x = images_BHW3
+        if x.dtype == jnp.uint8:
+            x = x.astype(jnp.float32) / 127.5 - 1.0
+        return self.quant_conv(self.encoder(x))
+
+    def tokenize(self, images_BHW3: jnp.ndarray, patch_nums: Sequence[int]) -> list[jnp.ndarray]:
+        return self.quantize.f_to_idx(self.encode(images_BHW3), patch_nums)
+
+    def var_input(self, idx: Sequence[jnp.ndarray], patch_nums: Sequence[int]) -> jnp.ndarray:
+        return self.quantize.idx_to_var_input(idx, patch_nums)
+
+    def decode_fhat(self, f_hat: jnp.ndarray) -> jnp.ndarray:
+        """f_hat (B, h, w, Cv) -> image (B, H, W, 3) in [-1, 1] (clamped, as upstream)."""
+        return self.decoder(self.post_quant_conv(f_hat))
+
+    def decode(self, idx: Sequence[jnp.ndarray], patch_nums: Sequence[int]) -> jnp.ndarray:
+        return self.decode_fhat(self.quantize.idx_to_fhat(idx, patch_nums))
+
+    def __call__(self, images_BHW3: jnp.ndarray, patch_nums: Sequence[int]):
+        """Touches every parameter (for init): tokens, teacher-forcing input, reconstruction."""
+        idx, f_hat, x_in = self.quantize(self.encode(images_BHW3), patch_nums)
+        return idx, x_in, self.decode_fhat(f_hat)
