@@ -130,5 +130,18 @@ def tiny(shared_aln: bool = False) -> ModelConfig:
     return ModelConfig(patch_nums=PATCH_NUMS_256, vqvae=VQVAEConfig(ch=32, vocab_size=512), var=var)
 
 
+def micro(shared_aln: bool = False) -> ModelConfig:
+    """A model small enough for multi-process tests and CPU demos: 64 px, 4 scales, 2 blocks.
+
+    Same architecture as the released models (5 VQVAE levels, downsampling 16), smaller in
+    every dimension: latent 4x4, Cvae 8, V 64, width 64 (one head of 64).
+    """
+    pn = (1, 2, 3, 4)
+    var = VARConfig(depth=2, embed_dim=64, num_heads=1, shared_aln=shared_aln, vocab_size=64,
+                    z_channels=8, patch_nums=pn)
+    return ModelConfig(patch_nums=pn, vqvae=VQVAEConfig(ch=32, z_channels=8, vocab_size=64), var=var)
+
+
 PRESETS = {f"d{d}": (lambda d=d: released(d)) for d in (16, 20, 24, 30, 36)}
 PRESETS["tiny"] = tiny
+PRESETS["micro"] = micro

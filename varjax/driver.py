@@ -1,0 +1,291 @@
+"""The resumable, sharded driver around the recording step (`varjax.record`).
+
+`record(model, plan, out_dir, num_views, opts)` runs the compiled step over every row of a
+`Plan` and writes the run directory of docs/design.md. What it guarantees:
+- Parallelism: one jit-compiled step on a mesh of all devices of all processes (batch axis
+  sharded, parameters and statistics replicated); each process loads only its slice of every
+  global batch. The next batch is dispatched before the previous one's outputs are fetched,
+  so the host never waits on the device between steps.
+- Resume: every `checkpoint_every` steps the statistics, the row position and the skipped
+  rows are saved atomically (after the row files are flushed). Running the same call again
+  continues from there; rows past the checkpoint are recomputed and overwritten, so the end
+  result equals an uninterrupted run. A finished run returns at once.
+- Host memory is O(units) unless activations are saved, and then rows go straight to a
+  memory-mapped `activations.npy`; device memory does not grow with N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from varjax import stats as stats_lib
+from varjax.model import Model
+from varjax.record import Options, Plan, RecordError, make_step, unit_layout
+from varjax.runfiles import atomic_save_npz, atomic_write_text, write_csv, write_units_csv
+
+PROGRESS = "progress.npz"
+DONE = "record.json"
+
+
+def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dict[str, Any]:
+    """What must not change between a run and its resumption (batch size may)."""
+    h = hashlib.sha256()
+    for a in (plan.ids, plan.labels, plan.splits):
+        h.update(np.ascontiguousarray(a, np.int64).tobytes())
+    return {
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "splits": list(plan.split_names),
+        "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
+        "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
+        "seed": opts.seed, "model": json.loads(model.config.to_json()),
+    }
+
+
+def _fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class _Progress:
+    """One line every few seconds: rows done, images/s (x views), ETA; compile time apart."""
+
+    def __init__(self, total: int, done: int, num_views: int, enabled: bool, every_s: float = 5.0):
+        self.total, self.start_rows, self.done = total, done, done
+        self.views, self.enabled, self.every = num_views, enabled, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.last_printed = -1
+
+    def update(self, done: int, force: bool = False) -> None:
+        self.done = done
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < self.every):
+            return
+        self.last, self.last_printed = now, done
+        rate = (done - self.start_rows) / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_s = _fmt_time(eta) if math.isfinite(eta) else "?"
+        print(f"[record] {done}/{self.total} images ({100 * done / self.total:.1f}%)  "
+              f"{rate:.2f} img/s ({rate * self.views:.1f} views/s)  ETA {eta_s}",
+              file=sys.stderr, flush=True)
+
+    def rate(self) -> float:
+        return (self.done - self.start_rows) / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def _local_batches(plan: Plan, start: int, global_bs: int, num_views: int, image_shape, opts: Options):
+    """This process's slice of every global batch from row `start` on, loaded in threads."""
+    nproc, pid = jax.process_count(), jax.process_index()
+    b = global_bs // nproc
+    n_steps = math.ceil((len(plan) - start) / global_bs)
+    H, W = image_shape
+
+    def build(t: int) -> dict[str, Any]:
+        rows = (start + t * global_bs + pid * b + np.arange(b)).astype(np.int32)
+        images = np.zeros((b, num_views, H, W, 3), np.uint8)
+        valid = np.zeros(b, bool)
+        skipped = []
+        for j, r in enumerate(rows):
+            if r >= len(plan):
+                continue  # padding of the last batch: masked out of every statistic
+            try:
+                views = plan.load(int(r))
+            except Exception as e:  # noqa: BLE001 - the data layer's message names the file
+                if not opts.skip_bad_images:
+                    raise RecordError(f"row {r} (sample {plan.ids[r]}): {e}") from None
+                skipped.append((int(r), int(plan.ids[r]), str(e).splitlines()[0] if str(e) else type(e).__name__))
+                continue
+            images[j], valid[j] = views, True
+        safe = np.minimum(rows, len(plan) - 1)
+        return {"images": images, "labels": plan.labels[safe].astype(np.int32),
+                "ids": plan.ids[safe].astype(np.int32), "splits": plan.splits[safe].astype(np.int32),
+                "valid": valid, "rows": rows, "skipped": skipped}
+
+    ds = grain.MapDataset.range(n_steps).map(build)
+    opts_read = grain.ReadOptions(num_threads=max(1, opts.loader_threads), prefetch_buffer_size=4)
+    return ds.to_iter_dataset(opts_read), n_steps
+
+
+def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: Options = Options(),
+           image_shape: tuple[int, int] | None = None, extra_info: dict | None = None) -> dict[str, Any]:
+    """Run the pass over `plan` into `out_dir`; returns the run's info (also in record.json).
+
+    Args:
+      model: a loaded model with both parts (VQVAE and VAR).
+      plan: the rows to record; `plan.load(row)` gives uint8 (A, H, W, 3) views.
+      out_dir: the run directory (created; resumed if it holds an unfinished run).
+      num_views: A, the augmentations per image.
+      opts: batch size, precision, what to save.
+      image_shape: (H, W) of the views (default: the model's resolution).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.precision not in ("highest", "tf32", "bf16"):
+        raise RecordError(f"unknown precision {opts.precision!r}; choose highest, tf32 or bf16")
+    fp = _fingerprint(model, plan, num_views, opts)
+    main = jax.process_index() == 0
+    done_file = out / DONE
+    if done_file.exists():
+        info = json.loads(done_file.read_text())
+        if info.get("fingerprint") == fp:
+            return info
+        raise RecordError(f"{out} holds a finished run with other settings; choose another --out")
+
+    devices = jax.devices()
+    G = opts.batch_size
+    if G % len(devices) or G % jax.process_count():
+        raise RecordError(f"--batch-size {G} must be a multiple of the {len(devices)} devices "
+                          f"and the {jax.process_count()} processes")
+    layout = unit_layout(model)
+    U = sum(n for *_, n in layout)
+    N, K, S = len(plan), len(model.config.patch_nums), len(plan.split_names)
+    H = W = model.config.resolution
+    if image_shape is not None:
+        H, W = image_shape
+
+    # -- state: fresh or resumed -----------------------------------------------------------
+    state = stats_lib.init_state(S, U, K if opts.per_scale else 0)
+    position, skipped = 0, []
+    if (out / PROGRESS).exists():
+        with np.load(out / PROGRESS) as z:
+            if json.loads(str(z["fingerprint"])) != fp:
+                raise RecordError(f"{out} holds an unfinished run with other settings "
+                                  "(data, views, precision or model); choose another --out")
+            state = {k: z["state_" + k] for k in state}
+            position = int(z["position"])
+            skipped = json.loads(str(z["skipped"]))
+        if main:
+            print(f"[record] resuming at image {position}/{N}", file=sys.stderr)
+
+    acts = per_sample = None
+    if main:
+        acts = _open_rows(out / "activations.npy", (N, U), position) if opts.save_activations else None
+        per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * K), position)
+
+    # -- the compiled step ------------------------------------------------------------------
+    mesh = Mesh(np.array(devices), ("data",))
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
+                   out_shardings=(repl, data), donate_argnums=(1,))
+    params = jax.device_put(model.params, repl)
+    dev_state = jax.device_put(state, repl)
+    t0 = time.perf_counter()
+    example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
+        jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
+    compiled = step.lower(params, dev_state, *example).compile()
+    compile_s = time.perf_counter() - t0
+
+    def to_global(a: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(data, a)
+
+    def gather(x: jax.Array) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def write_rows(pending) -> None:
+        rows, valid, out_dev, local_skips = pending
+        got = {k: gather(v) for k, v in out_dev.items()}
+        reasons = {r: why for r, _, why in local_skips}
+        if jax.process_count() > 1:
+            for r, sid, why in local_skips:
+                print(f"[record] skipped row {r} (sample {sid}): {why}", file=sys.stderr)
+            rows, valid = gather(to_global(rows)), gather(to_global(valid))
+        if not main:
+            return
+        skipped.extend((int(r), int(plan.ids[r]), reasons.get(int(r), "unreadable (see that host's log)"))
+                       for r, v in zip(rows, valid) if r < N and not v)
+        keep = (rows < N) & valid
+        r = rows[keep]
+        per_sample[r] = np.concatenate([got["loss"][keep, None], got["acc"][keep, None],
+                                        got["loss_s"][keep], got["acc_s"][keep]], axis=1)
+        if acts is not None:
+            acts[r] = got["mu"][keep]
+
+    def save_progress(pos: int) -> None:
+        host_state = stats_lib.to_host(dev_state)
+        if not main:
+            return
+        for mm in (acts, per_sample):
+            if mm is not None:
+                mm.flush()
+        atomic_save_npz(out / PROGRESS, fingerprint=np.array(json.dumps(fp)), position=np.array(pos),
+                        skipped=np.array(json.dumps(skipped)),
+                        **{"state_" + k: v for k, v in host_state.items()})
+
+    loader, n_steps = _local_batches(plan, position, G, num_views, (H, W), opts)
+    progress = _Progress(N, position, num_views, main)
+    pending = None
+    pos = position
+    try:
+        for t, b in enumerate(loader):
+            arrays = [to_global(b[k]) for k in ("images", "labels", "ids", "splits", "valid")]
+            dev_state, out_dev = compiled(params, dev_state, *arrays)
+            if pending is not None:
+                write_rows(pending)  # the previous step's outputs, while this one runs
+            pending = (b["rows"], b["valid"], out_dev, b["skipped"])
+            pos = min(position + (t + 1) * G, N)
+            if (t + 1) % opts.checkpoint_every == 0 or t + 1 == n_steps:
+                write_rows(pending)
+                pending = None
+                save_progress(pos)
+            progress.update(pos)
+    except KeyboardInterrupt:
+        if pending is not None:
+            write_rows(pending)
+        save_progress(pos)
+        raise RecordError(f"interrupted at image {pos}/{N}; run the same command again to resume") from None
+    if progress.last_printed != N:
+        progress.update(N, force=True)
+
+    # -- final files ------------------------------------------------------------------------
+    host_state = stats_lib.to_host(dev_state)
+    info = {
+        "fingerprint": fp, "images": N, "num_views": num_views, "precision": opts.precision,
+        "batch_size": G, "devices": [str(d.device_kind) for d in devices][:1] + [f"x{len(devices)}"],
+        "processes": jax.process_count(), "compile_s": round(compile_s, 3),
+        "images_per_s": round(progress.rate(), 4), "skipped": len(skipped),
+        **(extra_info or {}),
+    }
+    if main:
+        write_units_csv(out / "units.csv", layout)
+        for s, name in enumerate(plan.split_names):
+            if host_state["count"][s] > 0:
+                atomic_save_npz(out / f"stats_{name}.npz", **stats_lib.split_arrays(host_state, s))
+        _write_per_sample(out, plan, per_sample, K, {r for r, *_ in skipped})
+        write_csv(out / "skipped.csv", ("row", "sample", "reason"), sorted(skipped))
+        if acts is not None:
+            acts.flush()
+        atomic_write_text(done_file, json.dumps(info, indent=1))
+        (out / PROGRESS).unlink(missing_ok=True)
+        (out / ".per_sample.npy").unlink(missing_ok=True)
+    return info
+
+
+def _open_rows(path: Path, shape: tuple[int, int], position: int) -> np.ndarray:
+    """A float32 row file, created for a new run or reopened (rows < position kept)."""
+    if position > 0 and path.exists():
+        mm = np.load(path, mmap_mode="r+")
+        if mm.shape == shape:
+            return mm
+        raise RecordError(f"{path} has shape {mm.shape}, expected {shape}; choose another --out")
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+def _write_per_sample(out: Path, plan: Plan, rows: np.ndarray, K: int, skipped: set[int]) -> None:
+    # Columns of the row file: loss, acc, loss_s0..loss_s{K-1}, acc_s0..acc_s{K-1}.
+    header = ["sample", "loss", "acc"] + [f"loss_s{k}" for k in range(K)] + [f"acc_s{k}" for k in range(K)]
+    body = ([int(plan.ids[r])] + [f"{v:.7g}" for v in rows[r]]
+            for r in range(len(plan)) if r not in skipped)
+    write_csv(out / "per_sample.csv", header, body)

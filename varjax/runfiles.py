@@ -1,0 +1,72 @@
+"""Files of a run directory (docs/design.md), each written atomically.
+
+Every file goes to a temporary name in the same directory first and is renamed into place
+(`os.replace` is atomic on POSIX), so an interrupted run never leaves a truncated file that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_save_npz(path: Path | str, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_units_csv(path: Path | str, layout: Sequence[tuple[str, int, str, int]]) -> None:
+    """units.csv: unit, block, site, index, one row per unit column (layout from record.py)."""
+    rows = []
+    u = 0
+    for _, block, site, size in layout:
+        for i in range(size):
+            rows.append((u, block, site, i))
+            u += 1
+    write_csv(path, ("unit", "block", "site", "index"), rows)
+
+
+def write_samples_csv(path: Path | str, ids, splits: Sequence[str], labels, sources: Sequence[str]) -> None:
+    write_csv(path, ("sample", "split", "label", "source"),
+              zip((int(i) for i in ids), splits, (int(x) for x in labels), sources))
