@@ -110,16 +110,46 @@ def load(path, taps: TapConfig = TapConfig()) -> Model:
     return Model(config, params, taps)
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """Random parameters in the converted layout (for tests, benchmarks and training)."""
-    key_vae, key_var = jax.random.split(jax.random.key(seed))
-    params: dict[str, Any] = {}
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The exact parameter tree ({'vqvae': ..., 'var': ...}) as ShapeDtypeStructs."""
+    shapes: dict[str, Any] = {}
     H = config.resolution
+    key = jax.random.key(0)
     if config.vqvae is not None:
-        params["vqvae"] = VQVAE(config.vqvae).init(
-            key_vae, jnp.zeros((1, H, H, 3), jnp.uint8), config.patch_nums)["params"]
+        vqvae = VQVAE(config.vqvae)
+        shapes["vqvae"] = jax.eval_shape(lambda: vqvae.init(
+            key, jnp.zeros((1, H, H, 3), jnp.uint8), config.patch_nums)["params"])
     if config.var is not None:
         v = config.var
-        params["var"] = VAR(v).init(
-            key_var, jnp.zeros((1,), jnp.int32), jnp.zeros((1, v.seq_len - 1, v.z_channels)))["params"]
-    return params
+        var = VAR(v)
+        shapes["var"] = jax.eval_shape(lambda: var.init(
+            key, jnp.zeros((1,), jnp.int32), jnp.zeros((1, v.seq_len - 1, v.z_channels)))["params"])
+    return shapes
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Random float32 parameters in the converted layout (tests, benchmarks, training).
+
+    Drawn in numpy from the shapes of `param_shapes`: Flax's own init compiles the whole
+    VQVAE, which takes tens of seconds on a CPU. Kernels ~ N(0, 1/fan_in), embeddings and
+    position tables ~ N(0, 0.02), biases 0, norm scales 1, attention scale_mul = ln 4 (as
+    upstream), ada_gss ~ N(0, C^-1/2).
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        shape = leaf.shape
+        if name == "kernel":
+            return rng.normal(0, np.prod(shape[:-1]) ** -0.5, shape)
+        if name in ("embedding", "pos_start", "pos_1LC"):
+            return rng.normal(0, 0.02, shape)
+        if name == "scale":
+            return np.ones(shape)
+        if name == "scale_mul_1H11":
+            return np.full(shape, np.log(4.0))
+        if name == "ada_gss":
+            return rng.normal(0, shape[-1] ** -0.5, shape)
+        return np.zeros(shape)  # bias, q_bias, v_bias
+
+    return jax.tree_util.tree_map_with_path(lambda p, x: draw(p, x).astype(np.float32), param_shapes(config))

@@ -6,7 +6,8 @@ state of O(splits x units) is updated batch by batch, exactly, whatever N.
 
 Exactness rules:
 - argmax is the smallest sample id among those reaching the max, so the result does not
-  depend on batch size, device count or order of arrival.
+  depend on batch size, device count or order of arrival. "Reaching" allows float32 rounding
+  (TIE_RTOL): mu_max is then the value of that sample.
 - sum is accumulated with Kahan compensation in float32 on the device (no float64 on most
   accelerators) and written as float64; its relative error stays ~1e-7 for any N.
 - rows with `valid = False` (padding of the last batch) never touch the state.
@@ -23,6 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 _NO_ID = np.iinfo(np.int32).max  # argmax of a unit that has seen no sample yet
+# Values this close count as tied. The same image computed in another batch composition (other
+# batch size, device count, or after a resume) differs by float32 rounding (~3e-7 relative
+# measured on CPU), so exact comparison would let batching pick among duplicates or among
+# samples that share a class token (scale 0 depends on the label alone).
+TIE_RTOL = 1e-5
 
 
 def init_state(num_splits: int, num_units: int, num_scales: int = 0) -> dict[str, np.ndarray]:
@@ -46,18 +52,25 @@ def init_state(num_splits: int, num_units: int, num_scales: int = 0) -> dict[str
     return st
 
 
+def _near(a, b):
+    """a within TIE_RTOL of b (relative to the larger magnitude)."""
+    return jnp.abs(a - b) <= TIE_RTOL * jnp.maximum(jnp.abs(a), jnp.abs(b))
+
+
 def _update_max(cur_max, cur_arg, mu_BX, ids_B, member_B):
     """Fold a batch into (max, argmax) of shape X for one split (X = U or K x U)."""
     extra = (1,) * (mu_BX.ndim - 1)
     m = member_B.reshape((-1,) + extra)
     vals = jnp.where(m, mu_BX, -jnp.inf)
-    bmax = jnp.max(vals, axis=0)
-    # The smallest id among the rows that reach the batch max (ties: first in id order).
-    hits = m & (vals == bmax[None])
     ids = jnp.broadcast_to(ids_B.reshape((-1,) + extra), vals.shape)
-    barg = jnp.min(jnp.where(hits, ids, _NO_ID), axis=0)
-    take = (bmax > cur_max) | ((bmax == cur_max) & (barg < cur_arg))
-    return jnp.where(take, bmax, cur_max), jnp.where(take, barg, cur_arg)
+    bmax = jnp.max(vals, axis=0)
+    # Tied rows (within rounding of the batch max): the smallest id wins, with its own value.
+    tied = m & (_near(vals, bmax[None]) | (vals == bmax[None]))
+    barg = jnp.min(jnp.where(tied, ids, _NO_ID), axis=0)
+    bval = jnp.max(jnp.where(tied & (ids == barg[None]), vals, -jnp.inf), axis=0)
+    tie = _near(bval, cur_max)
+    take = (~tie & (bval > cur_max)) | (tie & (barg < cur_arg))
+    return jnp.where(take, bval, cur_max), jnp.where(take, barg, cur_arg)
 
 
 def _kahan(total, comp, x):

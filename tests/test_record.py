@@ -1,0 +1,189 @@
+"""The recording pass: statistics equal a direct computation; batching, devices, processes,
+padding and a SIGKILL never change the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests import record_worker as rw
+from varjax.driver import record
+from varjax.record import Options, RecordError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = [sys.executable, str(ROOT / "tests" / "record_worker.py")]
+
+# Float sums over a different batch/device split are summed in another order: float32
+# rounding, measured at ~2e-7 relative; argmax is exact by construction (ties -> lowest id).
+SUM_RTOL = 1e-5
+# mu itself is computed per sample; another batch composition changes XLA's blocking of the
+# same matmuls only by rounding (measured 0 to 3e-7 relative).
+MU_RTOL = 1e-5
+
+
+def _run_worker(out: Path, *args: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(WORKER + [str(out), *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=ROOT, **popen)
+
+
+def _load(run: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for split in ("train", "val"):
+        with np.load(run / f"stats_{split}.npz") as z:
+            out.update({f"{split}/{k}": z[k] for k in z.files})
+    out["activations"] = np.load(run / "activations.npy")
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if "argmax" in k or k.endswith("count"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=SUM_RTOL, atol=1e-6, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """One process, one device, batch 4 (the last of 3 batches holds 3 rows and 1 pad)."""
+    out = tmp_path_factory.mktemp("ref")
+    res = _run_worker(out, "--batch-size", "4")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_stats_equal_direct_numpy(tmp_path):
+    """Statistics from the pass == numpy on per-sample outputs of `teacher_forced`."""
+    model, plan = rw.model(), rw.plan()
+    with jax.default_matmul_precision("highest"):
+        record(model, plan, tmp_path, rw.NUM_VIEWS, Options(batch_size=4, save_activations=True),
+               image_shape=(64, 64))
+        direct = []
+        for r in range(len(plan)):
+            views = plan.load(r)
+            _, acts = model.teacher_forced(np.full(rw.NUM_VIEWS, plan.labels[r]), model.tokenize(views))
+            direct.append(np.concatenate([np.asarray(acts[k]) for k in acts], axis=1).mean(0))
+    direct = np.stack(direct)  # (N, U), unit order of units.csv
+    mu = np.load(tmp_path / "activations.npy")
+    np.testing.assert_allclose(mu, direct, rtol=MU_RTOL, atol=1e-7)
+    for s, split in enumerate(plan.split_names):
+        rows = plan.splits == s
+        with np.load(tmp_path / f"stats_{split}.npz") as z:
+            got = {k: z[k] for k in z.files}
+        sub, ids = direct[rows], plan.ids[rows]
+        assert got["count"] == rows.sum()  # padding rows are never counted
+        np.testing.assert_allclose(got["max"], sub.max(0), rtol=MU_RTOL)
+        np.testing.assert_allclose(got["sum"], sub.sum(0, dtype=np.float64), rtol=SUM_RTOL)
+        # argmax: the smallest id among rows within rounding of the max (ties by construction)
+        np.testing.assert_array_equal(got["argmax"], ids[np.argmax(sub, axis=0)])
+    per_sample = np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True)
+    assert per_sample["sample"].tolist() == plan.ids.tolist()
+    assert np.all((per_sample["acc"] >= 0) & (per_sample["acc"] <= 1)) and np.all(per_sample["loss"] > 0)
+
+
+def test_batch_size_and_devices_do_not_change_results(tmp_path, reference_run):
+    ref = _load(reference_run)
+    for devices, bs in (("1", "2"), ("4", "4"), ("4", "8")):
+        out = tmp_path / f"d{devices}b{bs}"
+        res = _run_worker(out, "--devices", devices, "--batch-size", bs)
+        assert res.returncode == 0, res.stderr
+        _assert_same(ref, _load(out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(tmp_path, reference_run):
+    """2 processes x 2 CPU devices with jax.distributed (gloo) == 1 process."""
+    out, port = tmp_path / "mp", str(_free_port())
+    procs = [subprocess.Popen(WORKER + [str(out), "--devices", "2", "--batch-size", "4",
+                                        "--processes", "2", "--process-id", str(i), "--port", port],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    _assert_same(_load(reference_run), _load(out))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference_run):
+    out = tmp_path / "killed"
+    env = {**os.environ, "RECORD_WORKER_DELAY": "0.4"}
+    p = subprocess.Popen(WORKER + [str(out), "--batch-size", "2", "--checkpoint-every", "1"],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    position = 0
+    while time.time() < deadline and p.poll() is None:
+        if (out / "progress.npz").exists():
+            try:
+                with np.load(out / "progress.npz") as z:
+                    position = int(z["position"])
+            except (OSError, ValueError, KeyError):
+                position = 0
+            if position >= 4:
+                break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be killed; raise RECORD_WORKER_DELAY"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "record.json").exists()
+    res = _run_worker(out, "--batch-size", "4")  # another batch size: resuming must not care
+    assert res.returncode == 0, res.stderr
+    assert f"resuming at image {position}" in res.stderr or "resuming at image" in res.stderr
+    _assert_same(_load(reference_run), _load(out))
+    assert not (out / "progress.npz").exists()
+
+
+def test_finished_run_is_not_recomputed(reference_run):
+    before = (reference_run / "record.json").stat().st_mtime_ns
+    info = record(rw.model(), rw.plan(), reference_run, rw.NUM_VIEWS,
+                  Options(batch_size=4, save_activations=True, per_scale=True, checkpoint_every=2,
+                          loader_threads=2), image_shape=(64, 64))
+    assert info["images"] == rw.N_ROWS
+    assert (reference_run / "record.json").stat().st_mtime_ns == before
+
+
+def test_other_settings_in_same_dir_fail_clearly(reference_run):
+    with pytest.raises(RecordError, match="other settings"):
+        record(rw.model(), rw.plan(), reference_run, rw.NUM_VIEWS, Options(batch_size=4, precision="bf16"),
+               image_shape=(64, 64))
+
+
+def test_bad_batch_size_and_precision(tmp_path):
+    with pytest.raises(RecordError, match="precision"):
+        record(rw.model(), rw.plan(), tmp_path, 2, Options(precision="fp8"), image_shape=(64, 64))
+
+
+def test_unreadable_image_is_skipped_and_listed(tmp_path):
+    plan = rw.plan()
+
+    def load(r):
+        if r == 3:
+            raise ValueError("broken.jpg: cannot identify image file")
+        return rw.views(r)
+
+    bad = type(plan)(plan.ids, plan.labels, plan.splits, plan.split_names, load)
+    info = record(rw.model(), bad, tmp_path, rw.NUM_VIEWS, Options(batch_size=4), image_shape=(64, 64))
+    assert info["skipped"] == 1
+    rows = (tmp_path / "skipped.csv").read_text().splitlines()
+    assert rows[1].startswith(f"3,{plan.ids[3]},broken.jpg")
+    with np.load(tmp_path / "stats_train.npz") as z:
+        assert int(z["count"]) == int((plan.splits == 0).sum()) - 1
+        assert plan.ids[3] not in set(z["argmax"].tolist())
+    with pytest.raises(RecordError, match="broken.jpg"):
+        record(rw.model(), bad, tmp_path / "stop", rw.NUM_VIEWS, Options(batch_size=4, skip_bad_images=False),
+               image_shape=(64, 64))
