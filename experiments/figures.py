@@ -1,0 +1,325 @@
+"""The study's figures (items 1-9 of `spec/unitmem.md`, "What the study reports") and extras.
+
+Every function draws one figure from already computed numbers and returns a matplotlib
+`Figure`; nothing here computes a metric or touches the file system (analyze.py saves the
+figures atomically). Figures are built with `matplotlib.figure.Figure`, not pyplot, so no
+global state or interactive backend is involved: PNGs render through Agg.
+
+Shape letters: B blocks, S sites (layer types), K scales, N samples, U units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+DPI = 100
+# One colour per layer type, the same in every figure; unknown sites cycle through the rest.
+SITE_COLORS = {"attn.proj": "tab:blue", "ffn.fc1": "tab:orange", "ffn.fc2": "tab:green"}
+_SPARE_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _color(site: str, i: int) -> str:
+    return SITE_COLORS.get(site, _SPARE_COLORS[i % len(_SPARE_COLORS)])
+
+
+def _figure(width: float = 6.4, height: float = 4.0) -> Figure:
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _depth_axis(ax, blocks: np.ndarray) -> None:
+    ax.set_xlabel("block (depth)")
+    step = max(1, int(np.ceil(len(blocks) / 16)))
+    ax.set_xticks(blocks[::step])
+    ax.grid(alpha=0.3)
+
+
+def u10_per_block(table: dict, title: str = "U10 units per block") -> Figure:
+    """Item 1: U10 count per block for each layer type and in total (line over depth).
+
+    Args:
+      table: `unitmem.block_site_table` output (uses blocks, sites, u10 (B,S), block_u10 (B,)).
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    for s, site in enumerate(table["sites"]):
+        ax.plot(table["blocks"], table["u10"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    ax.plot(table["blocks"], table["block_u10"], "s-", ms=3, color="black", label="total")
+    ax.set_ylabel("units in U10")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    _depth_axis(ax, table["blocks"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def mean_unitmem_per_block(table: dict, title: str = "Mean UnitMem per block") -> Figure:
+    """Item 2: mean UnitMem per block and layer type; the block line weights fc1 x4."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for s, site in enumerate(table["sites"]):
+        ax.plot(table["blocks"], table["mean"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    ax.plot(table["blocks"], table["block_mean"], "s--", ms=3, color="black",
+            label="block (all units; fc1 weighs x4)")
+    ax.set_ylabel("mean UnitMem")
+    ax.set_title(title)
+    _depth_axis(ax, table["blocks"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def max_unitmem_per_block(table: dict, title: str = "Max UnitMem per block") -> Figure:
+    """Item 5: max UnitMem per block and layer type over depth."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for s, site in enumerate(table["sites"]):
+        ax.plot(table["blocks"], table["max"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    ax.set_ylabel("max UnitMem")
+    ax.set_title(title)
+    _depth_axis(ax, table["blocks"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _annotated_bars(ax, names, values, colors, fmt: str) -> None:
+    bars = ax.bar(range(len(names)), values, color=colors)
+    ax.set_xticks(range(len(names)), names)
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8, padding=2)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def u10_per_type(table: dict, title: str = "U10 units per layer type") -> Figure:
+    """Item 3: U10 count per layer type, plus each larger site scaled to the smallest's size."""
+    sites = list(table["sites"])
+    names, values, colors = [], [], []
+    for s, site in enumerate(sites):
+        names.append(site)
+        values.append(float(table["site_u10"][s]))
+        colors.append(_color(site, s))
+    for s, site in enumerate(sites):
+        ratio = table["site_units"][s] / table["site_units"].min()
+        if ratio > 1:  # fc1: 4x the units of the other sites
+            names.append(f"{site}\n(/ {ratio:g}, size-adjusted)")
+            values.append(float(table["site_u10_adjusted"][s]))
+            colors.append(_color(site, s))
+    fig = _figure()
+    ax = fig.add_subplot()
+    _annotated_bars(ax, names, values, colors, "{:.0f}")
+    for patch, name in zip(ax.patches, names):
+        if "adjusted" in name:
+            patch.set_hatch("//")
+            patch.set_alpha(0.6)
+    ax.set_ylabel("units in U10")
+    ax.set_title(title)
+    return fig
+
+
+def mean_unitmem_per_type(table: dict, title: str = "Mean UnitMem per layer type") -> Figure:
+    """Item 4: mean UnitMem per layer type (bar)."""
+    sites = list(table["sites"])
+    fig = _figure()
+    ax = fig.add_subplot()
+    _annotated_bars(ax, sites, table["site_mean"], [_color(s, i) for i, s in enumerate(sites)], "{:.3f}")
+    ax.set_ylabel("mean UnitMem")
+    ax.set_title(title)
+    return fig
+
+
+def coverage(x: np.ndarray, y: np.ndarray, cov: dict, title: str = "Coverage of U10") -> Figure:
+    """Item 6: cumulative share of U10 covered by the top fraction of samples.
+
+    Args:
+      x: (N+1,) fraction of samples (ranked by NumMemUnits, highest first).
+      y: (N+1,) share of U10 whose argmax lies among them.
+      cov: `unitmem.coverage` output; its top-p points are marked and labelled.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    # A step function: the share only grows when one more whole sample is taken.
+    ax.plot(100 * x, 100 * y, color="tab:blue", drawstyle="steps-post", label="top samples by NumMemUnits")
+    for t in cov["top"]:
+        px, py = 100 * t["n_samples"] / max(len(x) - 1, 1), 100 * t["share"]
+        ax.plot(px, py, "o", color="tab:red")
+        ax.annotate(f"top {100 * t['fraction']:g}%: {py:.1f}%", (px, py), xytext=(8, -12),
+                    textcoords="offset points", fontsize=8)
+    frac = 100 * cov["samples_with_memunits_frac"]
+    ax.axvline(frac, color="gray", ls=":", label=f"samples with NumMemUnits > 0: {frac:.1f}%")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(0, 100)
+    ticks = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("top % of samples (symlog scale)")
+    ax.set_ylabel("% of U10 units covered")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One cell of an image grid: the image (None draws a placeholder) and its caption."""
+
+    image: np.ndarray | None
+    caption: str
+    placeholder: str = "no image"
+
+
+def image_grid(tiles: list[Tile | None], ncols: int, title: str,
+               row_labels: list[str] | None = None) -> Figure:
+    """Items 7 and 8: images with captions; missing images become labelled grey tiles.
+
+    Args:
+      tiles: row-major cells; `image` uint8 (H, W, 3) or None; a None cell stays empty.
+      ncols: cells per row.
+      title: figure title.
+      row_labels: optional label per row (e.g. "block 5"), drawn left of the row.
+    """
+    nrows = max(1, int(np.ceil(len(tiles) / ncols)))
+    # Fixed margins in inches instead of constrained layout: with 40 axes the layout solver
+    # costs more than drawing. Cells are 1.45 in square plus 0.4 in for a two-line caption.
+    left, top, cell, cap, gap = (0.35 if row_labels else 0.1), 0.45, 1.45, 0.4, 0.08
+    width, height = left + ncols * (cell + gap), top + nrows * (cell + cap) + 0.1
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    axes = fig.subplots(nrows, ncols, squeeze=False, gridspec_kw=dict(
+        left=left / width, right=1 - gap / width, top=1 - (top + cap) / height, bottom=0.1 / height,
+        wspace=gap / cell, hspace=cap / cell))
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(tiles) or tiles[i] is None:
+            ax.axis("off")
+            continue
+        tile = tiles[i]
+        if tile.image is not None:
+            ax.imshow(tile.image)
+        else:
+            ax.imshow(np.full((8, 8, 3), 0.85))
+            ax.text(0.5, 0.5, tile.placeholder, ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes, color="0.3")
+        ax.set_title(tile.caption, fontsize=7)
+    if row_labels:
+        for r, label in enumerate(row_labels[:nrows]):
+            axes[r, 0].set_ylabel(label, fontsize=9)
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    return fig
+
+
+def train_vs_val(comp_all: dict, comp_u10: dict, title: str = "D_all: train (D') vs val") -> Figure:
+    """Item 9: NumMemUnits summed over D' and over D_val, for all units and U10(D_all).
+
+    Args:
+      comp_all, comp_u10: `unitmem.split_comparison` outputs (all units, U10(D_all)).
+    """
+    fig = _figure(7.0, 4.0)
+    axes = fig.subplots(1, 2)
+    for ax, comp, name in ((axes[0], comp_all, "all units"), (axes[1], comp_u10, "U10(D_all)")):
+        vals = [comp["sum_train"], comp["sum_val"]]
+        _annotated_bars(ax, [f"train\n(n={comp['n_train']})", f"val\n(n={comp['n_val']})"], vals,
+                        ["tab:blue", "tab:gray"], "{:.0f}")
+        p = comp["p_value"]
+        ptxt = "no test" if p is None else f"permutation p = {p:.3g} (n={comp['n_permutations']})"
+        ax.set_title(f"{name}\n{ptxt}", fontsize=9)
+        ax.set_ylabel("sum of NumMemUnits")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def per_scale(view: dict, sites: tuple[str, ...], scale_labels: list[str] | None = None) -> Figure:
+    """Extra: U10 and mean UnitMem per scale (UnitMem from each scale's tokens alone).
+
+    Args:
+      view: `unitmem.per_scale_view` output (u10 (K,S), mean (K,S), overlap (K,) or None).
+      sites: site names (S,).
+      scale_labels: optional K tick labels (e.g. "1x1", ..., "16x16").
+    """
+    k = view["u10"].shape[0]
+    xs = np.arange(k)
+    has_overlap = view.get("overlap") is not None
+    fig = _figure(12.0 if has_overlap else 9.0, 3.6)
+    axes = fig.subplots(1, 3 if has_overlap else 2)
+    for s, site in enumerate(sites):
+        axes[0].plot(xs, view["u10"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+        axes[1].plot(xs, view["mean"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    axes[0].set_ylabel("units in the scale's U10")
+    axes[0].set_ylim(bottom=0)
+    axes[0].set_title("U10 per scale", fontsize=10)
+    axes[1].set_ylabel("mean UnitMem")
+    axes[1].set_title("mean UnitMem per scale", fontsize=10)
+    axes[1].legend(fontsize=7)
+    if has_overlap:
+        axes[2].plot(xs, 100 * np.asarray(view["overlap"]), "o-", ms=3, color="black")
+        axes[2].set_ylim(0, 105)
+        axes[2].set_ylabel("% of the scale's U10")
+        axes[2].set_title("share also in the all-token U10", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(xs, scale_labels if scale_labels else [str(i) for i in xs],
+                      rotation=45 if scale_labels else 0, fontsize=8)
+        ax.set_xlabel("scale")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def loss_vs_memunits(loss: np.ndarray, nmu: np.ndarray, corr: dict) -> Figure:
+    """Extra: per-sample teacher-forced loss against NumMemUnits, with Spearman's rho."""
+    fig = _figure(5.5, 4.0)
+    ax = fig.add_subplot()
+    # Jitter the integer counts a little so that equal counts don't hide each other.
+    jitter = np.random.default_rng(0).uniform(-0.2, 0.2, len(nmu))
+    ax.scatter(np.asarray(nmu) + jitter, loss, s=6, alpha=0.5)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("NumMemUnits (symlog, jittered)")
+    ax.set_ylabel("teacher-forced loss (nats)")
+    ax.set_title(f"Loss vs NumMemUnits: Spearman rho = {corr['rho']:.3f} "
+                 f"(p = {corr['p_value']:.2g}, n = {corr['n']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def diversity_by_depth(div_site: dict | None, div_all: dict, site: str, k: int) -> Figure:
+    """Extra: distinct images and classes maximally activating each block's top-k units.
+
+    Args:
+      div_site: `unitmem.diversity_by_depth` for one site (e.g. fc1), or None.
+      div_all: the same over all sites of each block.
+      site: the name of div_site's site.
+      k: units per block.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    for div, name, color in ((div_site, site, _color(site, 0)), (div_all, "all sites", "black")):
+        if div is None:
+            continue
+        ax.plot(div["blocks"], div["distinct_images"], "o-", ms=3, color=color, label=f"{name}: images")
+        ax.plot(div["blocks"], div["distinct_classes"], "s--", ms=3, color=color, alpha=0.6,
+                label=f"{name}: classes")
+    ax.set_ylabel(f"distinct argmax among top {k} units")
+    ax.set_ylim(0, k + 0.5)
+    ax.set_title(f"Diversity of the top-{k} units' argmax samples by depth")
+    _depth_axis(ax, div_all["blocks"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+def unitmem_histogram(um: np.ndarray, site: np.ndarray, sites: tuple[str, ...],
+                      threshold: float, q: float) -> Figure:
+    """Extra: the distribution of UnitMem per layer type, with the U10 threshold."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 51)
+    for s, name in enumerate(sites):
+        ax.hist(um[site == s], bins=bins, histtype="step", color=_color(name, s), label=name, lw=1.5)
+    ax.axvline(threshold, color="tab:red", ls="--", label=f"P{q:g} = {threshold:.3f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("UnitMem")
+    ax.set_ylabel("units")
+    ax.set_title("UnitMem distribution")
+    ax.legend(fontsize=8)
+    return fig
