@@ -61,13 +61,15 @@ class Model:
         return _decode(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     # -- the transformer ------------------------------------------------------------------
-    def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None):
+    def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None, reduction: str = "mean_abs"):
         """Teacher-forced forward, as in training.
 
         Args:
           labels: int (B,) in [0, num_classes] (num_classes = the null class).
           tokens: K int arrays (B, pn*pn), from `tokenize`.
           drop: optional bool (B,), class dropout made explicit (default: none dropped).
+          reduction: which sown reduction to return (see varjax.taps; the model's TapConfig
+            must ask for it).
         Returns:
           logits float32 (B, L, V); acts {site: float32 (B, units)}, the per-unit mean over
           tokens of |value| at every recorded site (`blocks.{i}.attn.proj`, `.ffn.fc1`, `.ffn.fc2`).
@@ -77,7 +79,7 @@ class Model:
         labels = jnp.asarray(labels, jnp.int32)
         x = self.var_input(tokens)
         logits, taps = _teacher_forced(self.var, self.params["var"], labels, x, drop)
-        return logits, collect(taps)
+        return logits, collect(taps, reduction)
 
 
 # Module objects are hashable dataclasses, so they can be static jit arguments.
