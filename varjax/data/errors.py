@@ -1,0 +1,11 @@
+"""The one exception the data layer raises for bad paths, bad files and bad selections.
+
+Every message is a single line that names the file or folder at fault, so a CLI can print
+`str(err)` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DataError(Exception):
+    """A data problem the user can fix: a missing path, an unreadable image, a bad layout."""
