@@ -40,7 +40,7 @@ def plan():
     ids = np.arange(N_ROWS) * 3 + 7  # ids are not row numbers
     labels = np.arange(N_ROWS) % 4
     splits = (np.arange(N_ROWS) >= 8).astype(np.int64)  # 8 train rows, 3 val rows
-    return Plan(ids=ids, labels=labels, splits=splits, split_names=("train", "val"), load=views)
+    return Plan.from_views(ids, labels, splits, ("train", "val"), views, (NUM_VIEWS, 64, 64, 3), threads=2)
 
 
 def model():
@@ -74,7 +74,7 @@ def main() -> None:
     from varjax.record import Options
 
     opts = Options(batch_size=args.batch_size, save_activations=True, per_scale=True,
-                   checkpoint_every=args.checkpoint_every, loader_threads=2)
+                   checkpoint_every=args.checkpoint_every)
     record(model(), plan(), args.out, NUM_VIEWS, opts, image_shape=(64, 64))
     print("worker done", file=sys.stderr)
 

@@ -18,7 +18,9 @@ import pytest
 
 from tests import record_worker as rw
 from varjax.driver import record
-from varjax.record import Options, RecordError
+from varjax.data import DataError
+from varjax.stats import TIE_RTOL
+from varjax.record import Options, Plan, RecordError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, str(ROOT / "tests" / "record_worker.py")]
@@ -71,7 +73,7 @@ def test_stats_equal_direct_numpy(tmp_path):
                image_shape=(64, 64))
         direct = []
         for r in range(len(plan)):
-            views = plan.load(r)
+            views = rw.views(r)
             _, acts = model.teacher_forced(np.full(rw.NUM_VIEWS, plan.labels[r]), model.tokenize(views))
             direct.append(np.concatenate([np.asarray(acts[k]) for k in acts], axis=1).mean(0))
     direct = np.stack(direct)  # (N, U), unit order of units.csv
@@ -85,8 +87,10 @@ def test_stats_equal_direct_numpy(tmp_path):
         assert got["count"] == rows.sum()  # padding rows are never counted
         np.testing.assert_allclose(got["max"], sub.max(0), rtol=MU_RTOL)
         np.testing.assert_allclose(got["sum"], sub.sum(0, dtype=np.float64), rtol=SUM_RTOL)
-        # argmax: the smallest id among rows within rounding of the max (ties by construction)
-        np.testing.assert_array_equal(got["argmax"], ids[np.argmax(sub, axis=0)])
+        # argmax: the smallest id among the rows within TIE_RTOL of the max (stats.py)
+        near = sub >= sub.max(0) * (1 - TIE_RTOL)
+        want = np.where(near, ids[:, None], np.iinfo(np.int64).max).min(0)
+        assert (got["argmax"] == want).mean() >= 0.999, "argmax differs beyond boundary cases"
     per_sample = np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True)
     assert per_sample["sample"].tolist() == plan.ids.tolist()
     assert np.all((per_sample["acc"] >= 0) & (per_sample["acc"] <= 1)) and np.all(per_sample["loss"] > 0)
@@ -143,7 +147,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference_run):
     assert not (out / "record.json").exists()
     res = _run_worker(out, "--batch-size", "4")  # another batch size: resuming must not care
     assert res.returncode == 0, res.stderr
-    assert f"resuming at image {position}" in res.stderr or "resuming at image" in res.stderr
+    assert f"resuming after {position} images" in res.stderr
     _assert_same(_load(reference_run), _load(out))
     assert not (out / "progress.npz").exists()
 
@@ -151,8 +155,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference_run):
 def test_finished_run_is_not_recomputed(reference_run):
     before = (reference_run / "record.json").stat().st_mtime_ns
     info = record(rw.model(), rw.plan(), reference_run, rw.NUM_VIEWS,
-                  Options(batch_size=4, save_activations=True, per_scale=True, checkpoint_every=2,
-                          loader_threads=2), image_shape=(64, 64))
+                  Options(batch_size=4, save_activations=True, per_scale=True, checkpoint_every=2),
+                  image_shape=(64, 64))
     assert info["images"] == rw.N_ROWS
     assert (reference_run / "record.json").stat().st_mtime_ns == before
 
@@ -176,14 +180,19 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path):
             raise ValueError("broken.jpg: cannot identify image file")
         return rw.views(r)
 
-    bad = type(plan)(plan.ids, plan.labels, plan.splits, plan.split_names, load)
-    info = record(rw.model(), bad, tmp_path, rw.NUM_VIEWS, Options(batch_size=4), image_shape=(64, 64))
+    def bad_plan(on_error):
+        return Plan.from_views(plan.ids, plan.labels, plan.splits, plan.split_names, load,
+                               (rw.NUM_VIEWS, 64, 64, 3), on_error=on_error)
+
+    info = record(rw.model(), bad_plan("skip"), tmp_path, rw.NUM_VIEWS, Options(batch_size=4),
+                  image_shape=(64, 64))
     assert info["skipped"] == 1
     rows = (tmp_path / "skipped.csv").read_text().splitlines()
     assert rows[1].startswith(f"3,{plan.ids[3]},broken.jpg")
     with np.load(tmp_path / "stats_train.npz") as z:
         assert int(z["count"]) == int((plan.splits == 0).sum()) - 1
         assert plan.ids[3] not in set(z["argmax"].tolist())
-    with pytest.raises(RecordError, match="broken.jpg"):
-        record(rw.model(), bad, tmp_path / "stop", rw.NUM_VIEWS, Options(batch_size=4, skip_bad_images=False),
+    assert str(plan.ids[3]) not in [l.split(",")[0] for l in (tmp_path / "per_sample.csv").read_text().splitlines()]
+    with pytest.raises(DataError, match="broken.jpg"):
+        record(rw.model(), bad_plan("stop"), tmp_path / "stop", rw.NUM_VIEWS, Options(batch_size=4),
                image_shape=(64, 64))

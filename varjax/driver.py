@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,39 +83,6 @@ class _Progress:
         return (self.done - self.start_rows) / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def _local_batches(plan: Plan, start: int, global_bs: int, num_views: int, image_shape, opts: Options):
-    """This process's slice of every global batch from row `start` on, loaded in threads."""
-    nproc, pid = jax.process_count(), jax.process_index()
-    b = global_bs // nproc
-    n_steps = math.ceil((len(plan) - start) / global_bs)
-    H, W = image_shape
-
-    def build(t: int) -> dict[str, Any]:
-        rows = (start + t * global_bs + pid * b + np.arange(b)).astype(np.int32)
-        images = np.zeros((b, num_views, H, W, 3), np.uint8)
-        valid = np.zeros(b, bool)
-        skipped = []
-        for j, r in enumerate(rows):
-            if r >= len(plan):
-                continue  # padding of the last batch: masked out of every statistic
-            try:
-                views = plan.load(int(r))
-            except Exception as e:  # noqa: BLE001 - the data layer's message names the file
-                if not opts.skip_bad_images:
-                    raise RecordError(f"row {r} (sample {plan.ids[r]}): {e}") from None
-                skipped.append((int(r), int(plan.ids[r]), str(e).splitlines()[0] if str(e) else type(e).__name__))
-                continue
-            images[j], valid[j] = views, True
-        safe = np.minimum(rows, len(plan) - 1)
-        return {"images": images, "labels": plan.labels[safe].astype(np.int32),
-                "ids": plan.ids[safe].astype(np.int32), "splits": plan.splits[safe].astype(np.int32),
-                "valid": valid, "rows": rows, "skipped": skipped}
-
-    ds = grain.MapDataset.range(n_steps).map(build)
-    opts_read = grain.ReadOptions(num_threads=max(1, opts.loader_threads), prefetch_buffer_size=4)
-    return ds.to_iter_dataset(opts_read), n_steps
-
-
 def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: Options = Options(),
            image_shape: tuple[int, int] | None = None, extra_info: dict | None = None) -> dict[str, Any]:
     """Run the pass over `plan` into `out_dir`; returns the run's info (also in record.json).
@@ -155,19 +121,23 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
         H, W = image_shape
 
     # -- state: fresh or resumed -----------------------------------------------------------
+    # Position = rows of this host's shard done (the same on every host: they step together);
+    # shard boundaries depend on the process count, so a resume must keep it.
+    resume_key = {**fp, "processes": jax.process_count()}
     state = stats_lib.init_state(S, U, K if opts.per_scale else 0)
     position, skipped = 0, []
     if (out / PROGRESS).exists():
         with np.load(out / PROGRESS) as z:
-            if json.loads(str(z["fingerprint"])) != fp:
+            if json.loads(str(z["fingerprint"])) != resume_key:
                 raise RecordError(f"{out} holds an unfinished run with other settings "
-                                  "(data, views, precision or model); choose another --out")
+                                  "(data, views, precision, model or process count); choose another --out")
             state = {k: z["state_" + k] for k in state}
             position = int(z["position"])
-            skipped = json.loads(str(z["skipped"]))
+            skipped = [tuple(x) for x in json.loads(str(z["skipped"]))]
         if main:
-            print(f"[record] resuming at image {position}/{N}", file=sys.stderr)
+            print(f"[record] resuming after {position} images per process", file=sys.stderr)
 
+    row_of = {int(i): r for r, i in enumerate(plan.ids)}
     acts = per_sample = None
     if main:
         acts = _open_rows(out / "activations.npy", (N, U), position) if opts.save_activations else None
@@ -189,29 +159,29 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     def to_global(a: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(data, a)
 
-    def gather(x: jax.Array) -> np.ndarray:
+    def gather(x) -> np.ndarray:
         if jax.process_count() == 1:
             return np.asarray(x)
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def write_rows(pending) -> None:
-        rows, valid, out_dev, local_skips = pending
+        ids, valid, out_dev, local_skips = pending
         got = {k: gather(v) for k, v in out_dev.items()}
-        reasons = {r: why for r, _, why in local_skips}
+        reasons = dict(local_skips)
         if jax.process_count() > 1:
-            for r, sid, why in local_skips:
-                print(f"[record] skipped row {r} (sample {sid}): {why}", file=sys.stderr)
-            rows, valid = gather(to_global(rows)), gather(to_global(valid))
+            for sid, why in local_skips:
+                print(f"[record] skipped sample {sid}: {why}", file=sys.stderr)
+            ids, valid = gather(to_global(ids)), gather(to_global(valid))
         if not main:
             return
-        skipped.extend((int(r), int(plan.ids[r]), reasons.get(int(r), "unreadable (see that host's log)"))
-                       for r, v in zip(rows, valid) if r < N and not v)
-        keep = (rows < N) & valid
-        r = rows[keep]
-        per_sample[r] = np.concatenate([got["loss"][keep, None], got["acc"][keep, None],
-                                        got["loss_s"][keep], got["acc_s"][keep]], axis=1)
+        # Rows of real samples that could not be read: listed, never counted.
+        skipped.extend((row_of[int(i)], int(i), reasons.get(int(i), "unreadable (see that host's log)"))
+                       for i, v in zip(ids, valid) if i >= 0 and not v)
+        r = np.array([row_of[int(i)] for i in ids[valid]], np.int64)
+        per_sample[r] = np.concatenate([got["loss"][valid, None], got["acc"][valid, None],
+                                        got["loss_s"][valid], got["acc_s"][valid]], axis=1)
         if acts is not None:
-            acts[r] = got["mu"][keep]
+            acts[r] = got["mu"][valid]
 
     def save_progress(pos: int) -> None:
         host_state = stats_lib.to_host(dev_state)
@@ -220,32 +190,43 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
         for mm in (acts, per_sample):
             if mm is not None:
                 mm.flush()
-        atomic_save_npz(out / PROGRESS, fingerprint=np.array(json.dumps(fp)), position=np.array(pos),
+        atomic_save_npz(out / PROGRESS, fingerprint=np.array(json.dumps(resume_key)), position=np.array(pos),
                         skipped=np.array(json.dumps(skipped)),
                         **{"state_" + k: v for k, v in host_state.items()})
 
-    loader, n_steps = _local_batches(plan, position, G, num_views, (H, W), opts)
-    progress = _Progress(N, position, num_views, main)
+    nproc = jax.process_count()
+    b = G // nproc
+    batches = plan.open_batches(position, b, jax.process_index(), nproc)
+    progress = _Progress(N, min(position * nproc, N), num_views, main)
     pending = None
     pos = position
+    split_of = dict(zip((int(i) for i in plan.ids), plan.splits.astype(np.int32)))
     try:
-        for t, b in enumerate(loader):
-            arrays = [to_global(b[k]) for k in ("images", "labels", "ids", "splits", "valid")]
+        for t, batch in enumerate(batches):
+            ids = np.asarray(batch["sample"], np.int64)
+            splits = np.array([split_of.get(int(i), 0) for i in ids], np.int32)
+            valid = np.asarray(batch["valid"], bool) & (ids >= 0)
+            arrays = [to_global(a) for a in (batch["images"], np.asarray(batch["label"], np.int32),
+                                             ids.astype(np.int32), splits, valid)]
             dev_state, out_dev = compiled(params, dev_state, *arrays)
             if pending is not None:
                 write_rows(pending)  # the previous step's outputs, while this one runs
-            pending = (b["rows"], b["valid"], out_dev, b["skipped"])
-            pos = min(position + (t + 1) * G, N)
-            if (t + 1) % opts.checkpoint_every == 0 or t + 1 == n_steps:
+            pending = (ids, valid, out_dev, batch.get("skipped", []))
+            pos += b
+            if (t + 1) % opts.checkpoint_every == 0:
                 write_rows(pending)
                 pending = None
                 save_progress(pos)
-            progress.update(pos)
+            progress.update(min(pos * nproc, N))
+        if pending is not None:
+            write_rows(pending)
+            pending = None
     except KeyboardInterrupt:
         if pending is not None:
             write_rows(pending)
         save_progress(pos)
-        raise RecordError(f"interrupted at image {pos}/{N}; run the same command again to resume") from None
+        raise RecordError(f"interrupted after {pos} images per process; run the same command again "
+                          "to resume") from None
     if progress.last_printed != N:
         progress.update(N, force=True)
 

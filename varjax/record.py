@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+import functools
+import math
+from typing import Callable, Iterable
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,22 +37,95 @@ class RecordError(RuntimeError):
     """A problem with the run's inputs or its directory; the message is one line."""
 
 
+# A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
+# (b,) (False on padding and unreadable images), skipped [(sample id, reason)] (docs/design.md).
+Batch = dict
+# (start, batch size, shard index, shard count) -> this host's batches from row `start` of its
+# shard. Shards are contiguous (`varjax.data.shard_bounds`), padded to whole batches.
+OpenBatches = Callable[[int, int, int, int], Iterable[Batch]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What to record: N rows, in the row order of every output file.
+    """What to record: N samples, in the row order of every output file.
 
-    `load(row)` returns the A views of that row's image, uint8 (A, H, W, 3), or None when
-    the image cannot be read (the row is then skipped and listed in `skipped.csv`).
+    `open_batches` streams them; build a Plan with `from_views` (any per-row function, e.g.
+    in-memory arrays) or `from_samples` (the data layer: folders, tfds, the demo set).
     """
 
     ids: np.ndarray  # (N,) int: stable sample ids
     labels: np.ndarray  # (N,) int
     splits: np.ndarray  # (N,) int: index into split_names
     split_names: tuple[str, ...]
-    load: Callable[[int], np.ndarray | None]
+    open_batches: OpenBatches
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def from_views(cls, ids, labels, splits, split_names, load: Callable[[int], np.ndarray],
+                   view_shape: tuple[int, int, int, int], threads: int = 4, on_error: str = "skip") -> "Plan":
+        """`load(row)` gives uint8 `view_shape` (A, H, W, 3) views of row's image, or raises
+        (then the row is skipped, or with on_error='stop' the run stops)."""
+        ids, labels, splits = (np.asarray(a) for a in (ids, labels, splits))
+        return cls(ids, labels, splits, tuple(split_names),
+                   functools.partial(_row_batches, ids, labels, load, tuple(view_shape), threads, on_error))
+
+    @classmethod
+    def from_samples(cls, source, samples, augment_config, seed: int, on_error: str = "skip",
+                     num_workers: int = 0, threads: int = 4) -> "Plan":
+        """Samples selected by `varjax.data.select`, loaded by `varjax.data.make_loader`."""
+        from varjax import data
+
+        names = tuple(sp for sp in data.SPLITS if any(s.split == sp for s in samples))
+
+        def open_batches(start, batch_size, shard_index, shard_count):
+            loader = data.make_loader(source, samples, batch_size=batch_size, augment_config=augment_config,
+                                      seed=seed, num_workers=num_workers, num_threads=threads,
+                                      shard_index=shard_index, shard_count=shard_count, start=start,
+                                      on_error=on_error)
+            seen = 0
+            for batch in loader:
+                batch["skipped"] = [(s.sample, f"{s.source}: {s.reason}") for s in loader.skipped[seen:]]
+                seen = len(loader.skipped)
+                yield batch
+
+        return cls(np.array([s.sample for s in samples]), np.array([s.label for s in samples]),
+                   np.array([names.index(s.split) for s in samples]), names, open_batches)
+
+
+def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,
+                 shard_count):
+    """Batches of `load(row)` over this host's contiguous shard, padded, from row `start`."""
+    from varjax.data import DataError, shard_bounds
+
+    lo, hi = shard_bounds(len(ids), shard_index, shard_count)
+    per_host = math.ceil(len(ids) / shard_count)
+    total = math.ceil(per_host / batch_size) * batch_size  # every host: the same batch count
+    n_steps = math.ceil((total - start) / batch_size)
+
+    def build(t: int) -> Batch:
+        rows = lo + start + t * batch_size + np.arange(batch_size)
+        real = rows < hi
+        views = np.zeros((batch_size,) + view_shape, np.uint8)
+        valid, skipped = np.zeros(batch_size, bool), []
+        for j in np.flatnonzero(real):
+            r = int(rows[j])
+            try:
+                v = load(r)
+            except Exception as e:  # noqa: BLE001 - the loader's message names the image
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if on_error == "stop":
+                    raise DataError(f"row {r} (sample {ids[r]}): {why}") from None
+                skipped.append((int(ids[r]), why))
+                continue
+            views[j], valid[j] = v, True
+        safe = np.minimum(rows, len(ids) - 1)
+        return {"images": views, "label": labels[safe].astype(np.int32),
+                "sample": np.where(real, ids[safe], -1), "valid": valid, "skipped": skipped}
+
+    ds = grain.MapDataset.range(max(n_steps, 0)).map(build)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, threads), prefetch_buffer_size=4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +140,6 @@ class Options:
     class_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20  # steps between progress saves
-    skip_bad_images: bool = True  # else an unreadable image stops the run
-    loader_threads: int = 4
 
 
 def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
