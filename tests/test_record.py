@@ -188,7 +188,8 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path):
                   image_shape=(64, 64))
     assert info["skipped"] == 1
     rows = (tmp_path / "skipped.csv").read_text().splitlines()
-    assert rows[1].startswith(f"3,{plan.ids[3]},broken.jpg")
+    assert rows[0] == "sample,source,reason"
+    assert rows[1] == f"{plan.ids[3]},row 3,broken.jpg: cannot identify image file"
     with np.load(tmp_path / "stats_train.npz") as z:
         assert int(z["count"]) == int((plan.splits == 0).sum()) - 1
         assert plan.ids[3] not in set(z["argmax"].tolist())

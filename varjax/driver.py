@@ -175,7 +175,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
         if not main:
             return
         # Rows of real samples that could not be read: listed, never counted.
-        skipped.extend((row_of[int(i)], int(i), reasons.get(int(i), "unreadable (see that host's log)"))
+        skipped.extend((row_of[int(i)], reasons.get(int(i), "unreadable (see that host's log)"))
                        for i, v in zip(ids, valid) if i >= 0 and not v)
         r = np.array([row_of[int(i)] for i in ids[valid]], np.int64)
         per_sample[r] = np.concatenate([got["loss"][valid, None], got["acc"][valid, None],
@@ -244,8 +244,11 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
         for s, name in enumerate(plan.split_names):
             if host_state["count"][s] > 0:
                 atomic_save_npz(out / f"stats_{name}.npz", **stats_lib.split_arrays(host_state, s))
-        _write_per_sample(out, plan, per_sample, K, {r for r, *_ in skipped})
-        write_csv(out / "skipped.csv", ("row", "sample", "reason"), sorted(skipped))
+        _write_per_sample(out, plan, per_sample, K, {r for r, _ in skipped})
+        # Same columns as varjax.data.write_skipped_csv.
+        write_csv(out / "skipped.csv", ("sample", "source", "reason"),
+                  [(int(plan.ids[r]), plan.sources[r] if plan.sources else f"row {r}", why)
+                   for r, why in sorted(skipped)])
         if acts is not None:
             acts.flush()
         atomic_write_text(done_file, json.dumps(info, indent=1))

@@ -58,6 +58,7 @@ class Plan:
     splits: np.ndarray  # (N,) int: index into split_names
     split_names: tuple[str, ...]
     open_batches: OpenBatches
+    sources: tuple[str, ...] | None = None  # (N,) what names each image (samples.csv, skipped.csv)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,12 +87,13 @@ class Plan:
                                       on_error=on_error)
             seen = 0
             for batch in loader:
-                batch["skipped"] = [(s.sample, f"{s.source}: {s.reason}") for s in loader.skipped[seen:]]
+                batch["skipped"] = [(s.sample, s.reason) for s in loader.skipped[seen:]]
                 seen = len(loader.skipped)
                 yield batch
 
         return cls(np.array([s.sample for s in samples]), np.array([s.label for s in samples]),
-                   np.array([names.index(s.split) for s in samples]), names, open_batches)
+                   np.array([names.index(s.split) for s in samples]), names, open_batches,
+                   tuple(s.source for s in samples))
 
 
 def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,

@@ -65,8 +65,3 @@ def write_units_csv(path: Path | str, layout: Sequence[tuple[str, int, str, int]
             rows.append((u, block, site, i))
             u += 1
     write_csv(path, ("unit", "block", "site", "index"), rows)
-
-
-def write_samples_csv(path: Path | str, ids, splits: Sequence[str], labels, sources: Sequence[str]) -> None:
-    write_csv(path, ("sample", "split", "label", "source"),
-              zip((int(i) for i in ids), splits, (int(x) for x in labels), sources))
