@@ -1,0 +1,106 @@
+"""Check a mapped state_dict against the exact Flax param tree of its config.
+
+The expected tree is `jax.eval_shape` of the Flax module's init (varjax.vqvae.VQVAE,
+varjax.var.VAR, with the same inputs as `varjax.model.init_params`): shapes only, no
+weights are allocated. Any missing, unexpected or misshaped param is one ConvertError line.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+from convert.errors import ConvertError
+from convert.mapping import Entry, flatten, torch_key
+from varjax.config import ModelConfig
+
+Path_ = tuple[str, ...]
+_SHOW = 1  # keys named per problem; the rest are counted ("(+2 more)")
+
+
+def abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[tuple[int, ...], str]]:
+    """{Flax path: (shape, dtype name)} of the 'var' or 'vqvae' params for this config."""
+    return dict(_abstract_params(part, config))
+
+
+@functools.lru_cache(maxsize=8)  # a pure function of the (frozen) config; tracing takes ~1 s
+def _abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[tuple[int, ...], str]]:
+    try:
+        tree = _init_shapes(part, config)
+    except Exception as err:  # noqa: BLE001 -- e.g. a config the Flax module rejects
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConvertError(f"cannot build the Flax {part} for the detected config "
+                           f"({type(err).__name__}: {first})") from None
+    return {p: (tuple(s.shape), str(s.dtype)) for p, s in flatten(tree["params"]).items()}
+
+
+def _init_shapes(part: str, config: ModelConfig):
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(0)
+    if part == "vqvae":
+        from varjax.vqvae import VQVAE
+
+        H = config.resolution
+        images = jax.ShapeDtypeStruct((1, H, H, 3), jnp.uint8)
+        tree = jax.eval_shape(lambda k, x: VQVAE(config.vqvae).init(k, x, config.patch_nums), key, images)
+    else:
+        from varjax.var import VAR
+
+        v = config.var
+        labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+        x = jax.ShapeDtypeStruct((1, v.seq_len - 1, v.z_channels), jnp.float32)
+        tree = jax.eval_shape(VAR(v).init, key, labels, x)
+    return tree
+
+
+def _some(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def _torch_shape(e: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch shape that maps to `flax_shape` (the inverse permutation)."""
+    if not e.axes:
+        return flax_shape
+    out = [0] * len(flax_shape)
+    for i, a in enumerate(e.axes):
+        out[a] = flax_shape[i]
+    return tuple(out)
+
+
+def check(
+    entries: Mapping[str, Entry],
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[Path_, tuple[tuple[int, ...], str]],
+) -> None:
+    """Raises ConvertError unless the mapped keys fill `expected` exactly, shape for shape.
+
+    Args:
+      entries: torch key -> Entry (from mapping.plan), the params only.
+      shapes: torch key -> torch shape.
+      expected: Flax path -> (shape, dtype), from abstract_params.
+    """
+    by_path = {e.path: e for e in entries.values()}
+    missing = [torch_key(p) for p in expected if p not in by_path]
+    unexpected = [e.key for p, e in by_path.items() if p not in expected]
+    wrong = []
+    for p, e in by_path.items():
+        if p in expected:
+            got = e.shape(tuple(shapes[e.key]))
+            want = expected[p][0]
+            if got != want:
+                wrong.append(f"{e.key} is {tuple(shapes[e.key])}, expected {_torch_shape(e, want)}")
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_some(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_some(wrong)}")
+    if problems:
+        raise ConvertError("; ".join(problems))
+    odd = sorted({dt for _, dt in expected.values()} - {"float32"})
+    if odd:
+        raise ConvertError(f"the Flax model declares {', '.join(odd)} params; the converter writes float32")
