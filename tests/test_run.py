@@ -1,0 +1,95 @@
+"""experiments/run.py: the demo end to end, --reanalyze on hand-written files, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_FRACTIONS = ("samples_with_memunits_frac", "top1pct_coverage", "top5pct_coverage",
+                     "top10pct_coverage")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert run.main(["--out", str(out), "--augs", "2"]) == 0
+    return out
+
+
+def test_demo_writes_every_output(demo_run):
+    for name in ("report.md", "summary.json", "units.csv", "samples.csv", "stats_train.npz",
+                 "stats_val.npz", "per_sample.csv", "activations.npy", "run.json", "record.json"):
+        assert (demo_run / name).is_file(), name
+    summary = json.loads((demo_run / "summary.json").read_text())
+    for key in SUMMARY_FRACTIONS:
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["u10_count"] > 0 and summary["n_samples"] > 0 and "d_all" in summary
+    report = (demo_run / "report.md").read_text()
+    figures = sorted((demo_run / "figures").glob("*.png"))
+    # the nine items of the study, each a figure linked from the report
+    for i in range(1, 10):
+        assert any(f.name.startswith(f"fig{i}_") for f in figures), f"figure {i} missing"
+    for f in figures:
+        assert f"figures/{f.name}" in report, f.name
+        assert f.stat().st_size > 5000, f"{f.name} looks empty"
+
+
+def test_rerun_resumes_not_recomputes(demo_run):
+    before = (demo_run / "record.json").stat().st_mtime_ns
+    assert run.main(["--out", str(demo_run), "--augs", "2"]) == 0
+    assert (demo_run / "record.json").stat().st_mtime_ns == before
+    assert (demo_run / "report.md").is_file()
+
+
+def _hand_written(d: Path) -> None:
+    """3 samples x 4 units from 'another tool': unit 0 is memorized by sample 11."""
+    d.mkdir()
+    acts = np.array([[0.1, 1.0, 0.5, 0.2],
+                     [0.9, 1.0, 0.5, 0.2],
+                     [0.1, 1.0, 0.6, 0.2]], np.float32)
+    np.save(d / "activations.npy", acts)
+    (d / "units.csv").write_text("unit,block,site,index\n0,0,attn.proj,0\n1,0,ffn.fc1,0\n"
+                                 "2,0,ffn.fc1,1\n3,0,ffn.fc2,0\n")
+    (d / "samples.csv").write_text("sample,split,label,source\n10,train,0,a.png\n11,train,1,b.png\n"
+                                   "12,train,1,c.png\n")
+
+
+def test_reanalyze_hand_written_directory(tmp_path):
+    d = tmp_path / "other_tool"
+    _hand_written(d)
+    assert run.main(["--reanalyze", str(d)]) == 0
+    summary = json.loads((d / "summary.json").read_text())
+    # UnitMem: unit0 (0.9-0.1)/(0.9+0.1)=0.8; unit1 0; unit2 (0.6-0.5)/1.1; unit3 0.
+    # P90 of [0.8, 0, 0.0909, 0] = 0.0909 + 0.7 * (0.8 - 0.0909) -> U10 = {unit 0}.
+    assert summary["u10_count"] == 1
+    assert summary["n_samples"] == 3
+    assert summary["samples_with_memunits_frac"] == pytest.approx(1 / 3)
+    assert (d / "report.md").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--checkpoint", "/nonexistent/ckpt"], "no such directory"),
+    (["--data", "/nonexistent/images"], "does not exist"),
+    (["--reanalyze", "/nonexistent/run"], "no such run directory"),
+    (["--preset", "study"], "needs --checkpoint"),
+])
+def test_bad_input_is_one_line(tmp_path, argv, message):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--out", str(tmp_path / "o")] + argv,
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 2
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_bad_flag_value_exits_nonzero(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--augs", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
