@@ -1,8 +1,7 @@
 """Check a mapped state_dict against the exact Flax param tree of its config.
 
-The expected tree is `jax.eval_shape` of the Flax module's init (varjax.vqvae.VQVAE,
-varjax.var.VAR, with the same inputs as `varjax.model.init_params`): shapes only, no
-weights are allocated. Any missing, unexpected or misshaped param is one ConvertError line.
+The expected tree is `varjax.model.param_shapes` (`jax.eval_shape` of the Flax modules'
+init, the tree `init_params` fills): shapes only, no weights are allocated. Any missing, unexpected or misshaped param is one ConvertError line.
 """
 
 from __future__ import annotations
@@ -35,24 +34,9 @@ def _abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[tuple[
 
 
 def _init_shapes(part: str, config: ModelConfig):
-    import jax
-    import jax.numpy as jnp
+    from varjax.model import param_shapes
 
-    key = jax.random.key(0)
-    if part == "vqvae":
-        from varjax.vqvae import VQVAE
-
-        H = config.resolution
-        images = jax.ShapeDtypeStruct((1, H, H, 3), jnp.uint8)
-        tree = jax.eval_shape(lambda k, x: VQVAE(config.vqvae).init(k, x, config.patch_nums), key, images)
-    else:
-        from varjax.var import VAR
-
-        v = config.var
-        labels = jax.ShapeDtypeStruct((1,), jnp.int32)
-        x = jax.ShapeDtypeStruct((1, v.seq_len - 1, v.z_channels), jnp.float32)
-        tree = jax.eval_shape(VAR(v).init, key, labels, x)
-    return tree
+    return {"params": param_shapes(config)[part]}
 
 
 def _some(keys: list[str]) -> str:
