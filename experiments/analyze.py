@@ -22,9 +22,7 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ if __package__ in (None, ""):  # run as a script (or imported as `analyze`): fin
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import figures, report  # noqa: E402
 from varjax import unitmem  # noqa: E402
+from varjax.runfiles import atomic_write_bytes  # noqa: E402
 
 ImageLoader = Callable[[str], "np.ndarray | None"]
 THUMB = 128  # pixels: grid tiles are ~150 px wide, larger images only cost memory
@@ -258,24 +257,10 @@ def _scale_labels(run_info: dict | None, k: int) -> list[str] | None:
     return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes data to a temp file beside path, then renames it over path (never half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=figures.DPI)
-    _write_atomic(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _compute(run_dir: Path, data: RunData, variant: str, q: float, top_k: int, n_permutations: int,
@@ -422,8 +407,8 @@ def analyze(run_dir: Path, load_image: ImageLoader | None = None, variant: str =
     say("report")
     summary = report.build_summary(ctx)
     # summary.json first, report.md last: a present report.md means the analysis finished.
-    _write_atomic(run_dir / "summary.json", report.to_json(summary).encode())
-    _write_atomic(run_dir / "report.md", report.render_markdown(ctx, summary).encode())
+    atomic_write_bytes(run_dir / "summary.json", report.to_json(summary).encode())
+    atomic_write_bytes(run_dir / "report.md", report.render_markdown(ctx, summary).encode())
     return summary
 
 

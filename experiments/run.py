@@ -19,7 +19,6 @@ Presets (every flag overrides them):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys

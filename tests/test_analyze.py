@@ -204,7 +204,7 @@ def test_interrupted_report_leaves_no_report(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(A.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         A.analyze(tmp_path, n_permutations=N_PERM)
     # The full report was in a temp file when the rename failed: neither the stale report

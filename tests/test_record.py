@@ -3,7 +3,6 @@ padding and a SIGKILL never change the results."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

@@ -42,6 +42,11 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def atomic_save_npz(path: Path | str, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
