@@ -20,7 +20,6 @@ import functools
 import math
 from typing import Callable, Iterable
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +98,8 @@ class Plan:
 def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,
                  shard_count):
     """Batches of `load(row)` over this host's contiguous shard, padded, from row `start`."""
+    import grain  # here, not at import: benchmarks on a bare accelerator host need no loader
+
     from varjax.data import DataError, shard_bounds
 
     lo, hi = shard_bounds(len(ids), shard_index, shard_count)
