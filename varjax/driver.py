@@ -44,8 +44,13 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     h = hashlib.sha256()
     for a in (plan.ids, plan.labels, plan.splits):
         h.update(np.ascontiguousarray(a, np.int64).tobytes())
+    # Weights: every tensor's shape and leading values tell two checkpoints apart cheaply.
+    w = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
+        w.update(jax.tree_util.keystr(path).encode())
+        w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
     return {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "splits": list(plan.split_names),
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
@@ -89,7 +94,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
 
     Args:
       model: a loaded model with both parts (VQVAE and VAR).
-      plan: the rows to record; `plan.load(row)` gives uint8 (A, H, W, 3) views.
+      plan: the samples to record and how to stream their views (`varjax.record.Plan`).
       out_dir: the run directory (created; resumed if it holds an unfinished run).
       num_views: A, the augmentations per image.
       opts: batch size, precision, what to save.
