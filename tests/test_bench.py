@@ -1,0 +1,38 @@
+"""experiments/bench.py keeps working (its numbers are measured by running it, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str) -> list[dict]:
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), *args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_throughput_line_has_every_field():
+    (row,) = _bench("--config", "micro", "--images-per-step", "2", "--views", "2", "--steps", "1",
+                    "--precision", "highest")
+    for key in ("images_per_s", "views_per_s", "compile_s", "tflop_per_s", "gflop_per_view",
+                "peak_device_mem_gib", "device", "jax", "precision"):
+        assert key in row, key
+    assert row["images_per_s"] > 0 and row["gflop_per_view"] > 0
+
+
+def test_precision_cost_compares_against_highest():
+    rows = _bench("--config", "micro", "--precision-cost", "--images", "8", "--views", "2",
+                  "--images-per-step", "4", "--precision", "bf16")
+    by = {r["precision"]: r for r in rows}
+    assert set(by) == {"highest", "bf16"}
+    ref = by["highest"]
+    assert ref["identical_tokens"] == 1.0 and ref["mu_max_rel_err"] == 0.0 and ref["u10_jaccard"] == 1.0
+    # bf16 is not float32: its mu must differ (a mode that silently ran in float32 fails here)
+    assert by["bf16"]["mu_max_rel_err"] > 0
+    assert 0 <= by["bf16"]["u10_jaccard"] <= 1
