@@ -22,7 +22,6 @@ Bad images: with on_error='stop' the first one raises DataError naming the file;
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 
 from varjax.data.augment import AugmentConfig, augment
 from varjax.data.errors import DataError
+from varjax.runfiles import write_csv
 from varjax.data.selection import Sample
 from varjax.data.source import ImageSource, Locator
 
@@ -214,8 +214,5 @@ def make_loader(source: ImageSource, samples: Sequence[Sample], *, batch_size: i
 
 
 def write_skipped_csv(path: str, skipped: Sequence[Skipped]) -> None:
-    """Writes `skipped.csv` (columns sample,source,reason)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["sample", "source", "reason"])
-        out.writerows(skipped)
+    """Writes `skipped.csv` (columns sample,source,reason), atomically."""
+    write_csv(path, ("sample", "source", "reason"), skipped)

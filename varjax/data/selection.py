@@ -14,13 +14,13 @@ the selection arguments and the data only, never on the loader.
 
 from __future__ import annotations
 
-import csv
 import logging
 import random
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from varjax.data.errors import DataError
+from varjax.runfiles import write_csv
 from varjax.data.source import ImageSource, Locator, check_splits
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def select(source: ImageSource, *, n_classes: int | None = None, per_class: int 
 
 
 def write_samples_csv(path: str, samples: Iterable[Sample]) -> None:
-    """Writes `samples.csv` (columns sample,split,label,source; design.md "Run directory")."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["sample", "split", "label", "source"])
-        for s in samples:
-            out.writerow([s.sample, s.split, s.label, s.source])
+    """Writes `samples.csv` (columns sample,split,label,source; design.md "Run directory"),
+    atomically."""
+    write_csv(path, ("sample", "split", "label", "source"),
+              ((s.sample, s.split, s.label, s.source) for s in samples))
