@@ -332,6 +332,68 @@ def _beyond_section(ctx: Context, s: dict) -> list[str]:
     return [*lines, "### UnitMem distribution", ""] + _fig(ctx, "extra_unitmem_histogram", "UnitMem histogram")
 
 
+# -- Planted memorization (experiments/planted.py writes planted.json before the analysis) --
+def _planted_section(ctx: Context) -> list[str]:
+    """What was planted and the measured separation, when the run dir holds planted.json."""
+    path = Path(ctx.run_dir) / "planted.json"
+    if not path.is_file():
+        return []
+    try:
+        p = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return ["## Planted memorization", "", f"planted.json is unreadable ({e}).", ""]
+    lines = ["## Planted memorization", ""]
+    m = p.get("model") or {}
+    d, t = m.get("data") or {}, m.get("training") or {}
+    if d:
+        lines += [f"The model (`{m.get('checkpoint')}`) was trained on the `planted` set (seed {d.get('seed')}): "
+                  f"{d.get('canaries')} canaries, one per class at each of {d.get('duplicates')} training "
+                  f"copies per epoch, {d.get('singletons')} singletons (1 copy) and {d.get('heldout')} held-out "
+                  "images never trained on; canaries are random draws from the same generator as the rest.", ""]
+    if t:
+        lines += [f"Training: {t.get('steps')} steps of batch {t.get('batch_size')} ({t.get('epochs')} epochs), "
+                  f"AdamW lr {t.get('lr')}, class dropout {t.get('class_dropout')}, seed {t.get('seed')}; final "
+                  f"loss {_f(t.get('final_loss'))}. Tokenizer: {m.get('tokenizer')}. Views: "
+                  f"{m.get('augmentation')}. Rebuild: `{m.get('command')}`.", ""]
+    keys = list(p["metrics"])
+    lines += [f"UnitMem (mean variant) on D_all = members + held-out; U10 = the {p['u10_count']} of "
+              f"{p['n_units']} units with UnitMem >= P{p['quantile']:g} = {_f(p['threshold'])}. "
+              "Group means (medians):", ""]
+    lines += _table(["group", "n", "copies"] + [p["metrics"][k]["label"] for k in keys]
+                    + ["units singled out (in U10)", "their mean UnitMem"],
+                    [[g, v["n"], v["training_copies"]]
+                     + [f"{_f(v[k]['mean'], 3)} ({_f(v[k]['median'], 3)})" for k in keys]
+                     + [f"{v['units_singled_out']} ({v['units_singled_out_in_u10']})",
+                        _f(v["unitmem_of_singled_out"], 3)] for g, v in p["groups"].items()])
+    lines += ["", "Two-sided tests between roles (all canaries pooled; AUC = P(value in the first group > "
+              "value in the second), ties half; permutation test on the difference of means):", ""]
+    rows = []
+    for k, pairs in p["tests"].items():
+        label = p["metrics"][k]["label"] if k in p["metrics"] else "UnitMem of the units singled out"
+        for pair, r in pairs.items():
+            if r["auc"] is None:  # a group without samples (held-out in D', or no units)
+                continue
+            rows.append([label, pair, f"{_f(r['mean_a'], 3)} vs {_f(r['mean_b'], 3)}", _f(r["auc"], 3),
+                         _f(r["p_mannwhitney"], 3), _f(r["p_permutation"], 3)])
+    lines += _table(["metric", "groups", "means", "AUC", "p (Mann-Whitney)", "p (permutation)"], rows)
+    lines += ["", "Dose-response: Spearman's rho of each metric against the training copies (held-out 0, "
+              "singletons 1, canaries their count):", ""]
+    lines += _table(["metric", "rho (all images)", "p", "rho (members)", "p"],
+                    [[p["metrics"][k]["label"], _f(r["all"]["rho"], 3), _f(r["all"]["p_value"], 3),
+                      _f(r["members"]["rho"], 3), _f(r["members"]["p_value"], 3)]
+                     for k, r in p["dose_response"].items()])
+    c = p["canaries_in_top"]
+    lines += ["", f"Canaries among the top {c['k']} images by NumMemUnits (U10, D_all; ties at the cut "
+              f"shared evenly): {c['found']:.2f} (chance: {c['expected_by_chance']:.2f}). Per canary (rank: "
+              "ties by sample id):", ""]
+    lines += _table(["source", "class", "copies", "NumMemUnits", "argmax count", "rank", "loss"],
+                    [[f"`{r['source']}`", r["label"], r["dup"], r["nmu_u10"], r["nmu_all"], r["rank"],
+                      _f(r["loss"], 3)] for r in p["canaries"]])
+    fig = p.get("figure")
+    return lines + ([""] + [f"![planted memorization]({fig})", ""] if fig else [""])
+# -- end planted memorization --
+
+
 def render_markdown(ctx: Context, s: dict) -> str:
     """The report: run configuration, D' (the study's numbers), D_all, beyond the study.
 
@@ -342,7 +404,7 @@ def render_markdown(ctx: Context, s: dict) -> str:
     Returns:
       The markdown text; figures are linked by paths relative to the run directory.
     """
-    lines = _run_section(ctx, s) + _d_prime_section(ctx, s)
+    lines = _run_section(ctx, s) + _planted_section(ctx) + _d_prime_section(ctx, s)
     if "d_all" in s:
         lines += _d_all_section(ctx, s["d_all"])
     lines += _beyond_section(ctx, s)

@@ -76,7 +76,8 @@ def open_source(spec: str, *, data_dir: str | None = None, flat_split: str = "tr
     """Opens an image source from a spec.
 
     Args:
-      spec: 'demo' (the bundled demo set), a folder path (an ImageFolder tree, see
+      spec: 'demo' (the bundled demo set), 'planted' (the planted-memorization set,
+        `planted.py`), a folder path (an ImageFolder tree, see
         `folder.py`), or a tfds dataset name such as 'imagenet2012' (optionally with a
         version, 'imagenet2012:5.1.0') prepared as ArrayRecord (see `IMAGENET_HOWTO`).
       data_dir: tfds data directory (default: tfds' own default, ~/tensorflow_datasets).
@@ -93,6 +94,11 @@ def open_source(spec: str, *, data_dir: str | None = None, flat_split: str = "tr
     if spec == "demo":
         from varjax.data.demo import DemoSource
         return DemoSource()
+    # -- planted (experiments/train_planted.py's image set; roles in the source strings) --
+    if spec == "planted":
+        from varjax.data.planted import PlantedSource
+        return PlantedSource()
+    # -- end planted --
     path = os.path.expanduser(spec)
     if os.path.exists(path):
         from varjax.data.folder import FolderSource
