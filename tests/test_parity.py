@@ -24,7 +24,7 @@ from varjax.taps import TapConfig
 DATA = Path(__file__).parent / "data" / "upstream_var"
 
 # Latent f = quant_conv(encoder(x)): 12 convs and 3 attention blocks deep; measured max abs
-# error 5.4e-5 against upstream's float32 run (|f| <= 3.3).
+# error 5.4e-5 (256 px) and 2.5e-5 (512 px) against upstream's float32 run (|f| <= 3.3).
 F_ATOL = 3e-4
 # Teacher-forcing input (bicubic/area resizes of accumulated f_hat): measured 6.6e-7 at 256 px,
 # 1.4e-6 at 512 px (|x| <= 2.5).
@@ -33,9 +33,11 @@ VAR_INPUT_ATOL = 1e-5
 # log-sum-exp of every row: measured 9.5e-7.
 LOGITS_ATOL = 5e-5
 LSE_ATOL = 1e-5
-# Recorded units, error relative to the site's largest value: measured <= 3.8e-7
-# (mean |value|) and the same order for block 0's full signed values.
+# Recorded units, error relative to the site's largest value: measured <= 3.8e-7 for the
+# per-unit mean |value| (averaging over 680 tokens cancels rounding) and 2.9e-6 for block 0's
+# full signed (L, units) values (`python experiments/parity.py` prints both).
 ACT_RTOL = 3e-6
+FULL_RTOL = 2e-5
 # Decoder reconstruction from the full f_hat, in [-1, 1]: measured 1.1e-5.
 RECON_ATOL = 1e-4
 
@@ -142,7 +144,7 @@ def test_full_block0_values(converted, name):
     for site in UNIT_SITES:
         want = ref[f"act_full0/blocks.0.{site}"]
         got = np.asarray(full[f"blocks.0.{site}"][0])
-        np.testing.assert_allclose(got, want, rtol=0, atol=ACT_RTOL * np.abs(want).max(), err_msg=site)
+        np.testing.assert_allclose(got, want, rtol=0, atol=FULL_RTOL * np.abs(want).max(), err_msg=site)
 
 
 def test_attn_proj_raw_is_before_gamma(converted):
