@@ -112,19 +112,20 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> dict:
 
 def _training_info(run_dir: Path, run_info: dict | None, checkpoint: Path | None) -> dict | None:
     """planted.json of the model's checkpoint: --checkpoint, run.json's, or the shipped one."""
-    candidates = [checkpoint] if checkpoint is not None else []
+    candidates = [(checkpoint, "argument")] if checkpoint is not None else []
     stack = [run_info] if run_info else []
     while stack:  # a "checkpoint" key anywhere in run.json
         node = stack.pop()
         if isinstance(node, dict):
             if isinstance(node.get("checkpoint"), str):
-                candidates.append(Path(node["checkpoint"]))
+                candidates.append((Path(node["checkpoint"]), "run.json"))
             stack.extend(node.values())
-    candidates.append(default_checkpoint())
-    for c in candidates:
-        if c is not None and (Path(c) / OUTPUT).is_file():
+    # Last resort, and said so: the run names no checkpoint, so assume the shipped one.
+    candidates.append((default_checkpoint(), "assumed: the shipped model (the run names no checkpoint)"))
+    for c, how in candidates:
+        if (Path(c) / OUTPUT).is_file():
             info = json.loads((Path(c) / OUTPUT).read_text())
-            return {"checkpoint": str(c), **{k: info.get(k) for k in (
+            return {"checkpoint": str(c), "checkpoint_from": how, **{k: info.get(k) for k in (
                 "data", "training", "model", "tokenizer", "augmentation", "params_sha256", "command")}}
     return None
 

@@ -346,7 +346,7 @@ def _planted_section(ctx: Context) -> list[str]:
     m = p.get("model") or {}
     d, t = m.get("data") or {}, m.get("training") or {}
     if d:
-        lines += [f"The model (`{m.get('checkpoint')}`) was trained on the `planted` set (seed {d.get('seed')}): "
+        lines += [f"The model (`{m.get('checkpoint')}`, from {m.get('checkpoint_from')}) was trained on the `planted` set (seed {d.get('seed')}): "
                   f"{d.get('canaries')} canaries, one per class at each of {d.get('duplicates')} training "
                   f"copies per epoch, {d.get('singletons')} singletons (1 copy) and {d.get('heldout')} held-out "
                   "images never trained on; canaries are random draws from the same generator as the rest.", ""]
