@@ -18,7 +18,8 @@ only groups and tests.
 Writes `planted.json` and `figures/planted_separation.png` atomically; experiments/report.py
 adds a "Planted memorization" section when planted.json is present.
 
-    python experiments/planted.py RUN_DIR [--checkpoint DIR]
+    python experiments/planted.py RUN_DIR [--checkpoint DIR]           # a recorded run
+    python experiments/planted.py RUN_DIR --record [--checkpoint DIR]  # record it first
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ if __package__ in (None, ""):
 from experiments import report  # noqa: E402
 from experiments.analyze import AnalysisError, load_run  # noqa: E402
 from varjax import unitmem  # noqa: E402
+from varjax.checkpoint import CheckpointError  # noqa: E402
 from varjax.data.planted import default_checkpoint, parse_role  # noqa: E402
+from varjax.record import RecordError  # noqa: E402
 from varjax.runfiles import atomic_path, atomic_write_text  # noqa: E402
 
 OUTPUT = "planted.json"
@@ -241,6 +244,28 @@ def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90
     return json.loads(report.to_json(out))  # what the file says (numpy -> Python, NaN -> None)
 
 
+def record_planted(checkpoint: Path, run_dir: Path, views: int = 8, seed: int = 0, batch_size: int = 16) -> None:
+    """Records a planted checkpoint on the whole planted set, as the default run does.
+
+    For checks without experiments/run.py (multi-seed studies, the tests): every member and
+    held-out image, `views` random crops each (the study's augmentation at 64 px, crop seed
+    `seed`), activations saved; then samples.csv. Resumes or returns at once like the driver.
+    """
+    import varjax
+    from varjax.data import AugmentConfig, open_source, select, write_samples_csv
+    from varjax.driver import record
+    from varjax.record import Options, Plan
+
+    model = varjax.load(checkpoint)
+    source = open_source("planted")
+    samples = select(source)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = Plan.from_samples(source, samples, AugmentConfig(resolution=model.config.resolution, views=views),
+                             seed=seed)
+    record(model, plan, run_dir, num_views=views, opts=Options(batch_size=batch_size, save_activations=True))
+    write_samples_csv(str(run_dir / "samples.csv"), samples)
+
+
 def _figure(names, group, metric, um, unit_group, thr):
     """One panel per metric, plus the UnitMem of the units each group singles out."""
     from matplotlib.figure import Figure
@@ -277,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Canaries vs singletons vs held-out in a planted run.")
     parser.add_argument("run_dir", type=Path, help="run directory recorded on --data planted")
     parser.add_argument("--checkpoint", type=Path, default=None, help="the model (for what was planted)")
+    parser.add_argument("--record", action="store_true",
+                        help="first record --checkpoint (default: the shipped model) on the planted set "
+                             "into RUN_DIR (8 views, crop seed 0), then analyze")
     parser.add_argument("--quantile", type=float, default=90.0, help="percentile defining U10")
     parser.add_argument("--permutations", type=int, default=10_000, help="per permutation test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation tests")
@@ -287,8 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr)
 
     try:
+        if args.record:
+            args.checkpoint = args.checkpoint or default_checkpoint()
+            log(f"recording {args.checkpoint} on the planted set into {args.run_dir}")
+            record_planted(args.checkpoint, args.run_dir)
         out = analyze_planted(args.run_dir, args.checkpoint, args.quantile, args.permutations, args.seed, log)
-    except AnalysisError as e:
+    except (AnalysisError, CheckpointError, RecordError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if out is None:
@@ -309,6 +341,11 @@ def summary_text(p: dict) -> str:
             if t["auc"] is not None:
                 perm = "n/a" if t["p_permutation"] is None else f"{t['p_permutation']:.3g}"
                 lines.append(f"{k:<16} {pair:<18} AUC {t['auc']:.3f}  p_MW {t['p_mannwhitney']:.3g}  p_perm {perm}")
+    for k, r in p["dose_response"].items():
+        a, m = r["all"], r["members"]
+        if a["rho"] is not None and m["rho"] is not None:
+            lines.append(f"{k:<16} Spearman vs training copies: all rho {a['rho']:.3f} (p {a['p_value']:.3g}), "
+                         f"members rho {m['rho']:.3f} (p {m['p_value']:.3g})")
     c = p["canaries_in_top"]
     lines.append(f"canaries among the top {c['k']} by NumMemUnits: {c['found']:.2f} "
                  f"(chance {c['expected_by_chance']:.2f})")

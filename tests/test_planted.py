@@ -200,17 +200,8 @@ HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183,
 @pytest.fixture(scope="module")
 def shipped_run(tmp_path_factory):
     """The default run's recording (8 random views, crop seed 0) of the shipped model."""
-    import varjax
-    from varjax.data import AugmentConfig, write_samples_csv
-    from varjax.driver import record
-    from varjax.record import Options, Plan
-
     out = tmp_path_factory.mktemp("planted_run")
-    source = open_source("planted")
-    samples = select(source)
-    write_samples_csv(str(out / "samples.csv"), samples)
-    plan = Plan.from_samples(source, samples, AugmentConfig(resolution=64, views=8), seed=0)
-    record(varjax.load(default_checkpoint()), plan, out, num_views=8, opts=Options(batch_size=16))
+    P.record_planted(default_checkpoint(), out)
     return out, P.analyze_planted(out, checkpoint=default_checkpoint(), n_permutations=N_PERM)
 
 
