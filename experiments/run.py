@@ -98,13 +98,15 @@ def _load_model(args):
     from varjax.config import micro
 
     if args.checkpoint:
-        return varjax.load(args.checkpoint), str(args.checkpoint)
+        args.checkpoint = str(Path(args.checkpoint).resolve())
+        return varjax.load(args.checkpoint), args.checkpoint
     if args.preset == "study":
         raise RunError("the study preset needs --checkpoint (a VAR-d16 + VQVAE directory from python -m convert)")
     planted = _planted_checkpoint()
     if planted is not None:
         if args.data is None:
             args.data = "planted"
+        args.checkpoint = str(planted)
         return varjax.load(planted), str(planted)
     if args.data is None:
         args.data = "demo"
@@ -216,7 +218,8 @@ def run(args) -> Path:
     if not main_process:
         return out
     run_info = {
-        "model": model_name, "config": json.loads(model.config.to_json()), "data": args.data,
+        "model": model_name, "checkpoint": args.checkpoint, "config": json.loads(model.config.to_json()),
+        "data": args.data,
         "data_dir": args.data_dir, "splits": splits, "classes": args.classes, "per_class": args.per_class,
         "seed": args.seed, "augs": args.augs, "mid_reso": args.mid_reso, "deterministic": args.deterministic,
         "class_dropout": args.class_dropout, "precision": args.precision, "batch_size": args.batch_size,
