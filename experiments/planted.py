@@ -43,7 +43,7 @@ from varjax import unitmem  # noqa: E402
 from varjax.checkpoint import CheckpointError  # noqa: E402
 from varjax.data.planted import default_checkpoint, parse_role  # noqa: E402
 from varjax.record import RecordError  # noqa: E402
-from varjax.runfiles import atomic_path, atomic_write_text  # noqa: E402
+from varjax.runfiles import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 OUTPUT = "planted.json"
 FIGURE = "figures/planted_separation.png"
@@ -294,8 +294,7 @@ def _figure(names, group, metric, um, unit_group, thr):
 def _save_figure(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
