@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="d16", choices=sorted(config_lib.PRESETS),
                     help="model preset, random weights (default d16 + the released VQVAE shape)")
+    ap.add_argument("--checkpoint", help="a converted checkpoint instead of random weights (overrides --config)")
     ap.add_argument("--precision", action="append", choices=PRECISIONS,
                     help="mode to time (repeatable; default: all)")
     ap.add_argument("--images-per-step", type=int, default=16, help="images per step, all devices")
@@ -206,8 +207,14 @@ def main(argv=None) -> int:
         print(f"bench: error: --images-per-step must be a multiple of the {len(jax.devices())} devices",
               file=sys.stderr)
         return 2
-    cfg = config_lib.PRESETS[args.config]()
-    model = Model(cfg, init_params(cfg, seed=0))
+    if args.checkpoint:
+        import varjax
+
+        model = varjax.load(args.checkpoint)
+        cfg, args.config = model.config, Path(args.checkpoint).name
+    else:
+        cfg = config_lib.PRESETS[args.config]()
+        model = Model(cfg, init_params(cfg, seed=0))
     precisions = tuple(args.precision or PRECISIONS)
     if args.precision_cost:
         for row in precision_cost(model, args.images, args.views, args.images_per_step,
