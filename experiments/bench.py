@@ -92,8 +92,9 @@ def _compiled_step(model: Model, views: int, opts: Options, images_per_step: int
     return compiled, params, state, data, time.perf_counter() - t0
 
 
-def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int) -> dict:
-    opts = Options(batch_size=images_per_step, precision=precision)
+def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int,
+              attention: str = "einsum") -> dict:
+    opts = Options(batch_size=images_per_step, precision=precision, attention=attention)
     compiled, params, state, data, compile_s = _compiled_step(model, views, opts, images_per_step, size)
     B = images_per_step
     imgs = jax.device_put(_synthetic_images(B, views, size), data)
@@ -115,7 +116,7 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
     tflops = flops * steps / dt / 1e12 if flops else None
     peak = _peak(dev.device_kind, precision)
     return {
-        "what": "throughput", "precision": precision, "images_per_s": round(ips, 4),
+        "what": "throughput", "precision": precision, "attention": attention, "images_per_s": round(ips, 4),
         "views_per_s": round(ips * views, 3), "views": views, "images_per_step": B,
         "steps": steps, "compile_s": round(compile_s, 2),
         "gflop_per_view": round(flops / (B * views) / 1e9, 2) if flops else None,
@@ -200,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-step", type=int, default=16, help="images per step, all devices")
     ap.add_argument("--views", type=int, default=8, help="augmentations per image")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    ap.add_argument("--attention", action="append", choices=("einsum", "fused"),
+                    help="attention kernel to time (repeatable; default einsum)")
     ap.add_argument("--precision-cost", action="store_true", help="compare precisions instead of timing")
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     args = ap.parse_args(argv)
@@ -222,8 +225,10 @@ def main(argv=None) -> int:
             print(json.dumps({"config": args.config, **row}), flush=True)
         return 0
     for precision in precisions:
-        row = bench_one(model, precision, args.images_per_step, args.views, args.steps, cfg.resolution)
-        print(json.dumps({"config": args.config, **row}), flush=True)
+        for attention in args.attention or ("einsum",):
+            row = bench_one(model, precision, args.images_per_step, args.views, args.steps, cfg.resolution,
+                            attention)
+            print(json.dumps({"config": args.config, **row}), flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 ips="${IMAGES_PER_STEP:-16}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 experiments/bench.py --config d16 --images-per-step "$ips" --views 8 --steps 5 | tee "$out/bench.jsonl"
+python3 experiments/bench.py --config d16 --images-per-step "$ips" --views 8 --steps 5 \
+  --attention einsum --attention fused | tee "$out/bench.jsonl"
 python3 experiments/bench.py --config d16 --precision-cost --images 64 --images-per-step "$ips" \
   | tee -a "$out/bench.jsonl"

@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--splits", default="train,val", help="splits to record (D' = train, D_val = val)")
     ap.add_argument("--seed", type=int, default=0, help="class-drawing and augmentation seed")
     ap.add_argument("--precision", choices=("highest", "tf32", "bf16"))
+    ap.add_argument("--attention", choices=("einsum", "fused"), default="einsum",
+                    help="attention kernel: spelled-out softmax, or jax.nn.dot_product_attention (cuDNN on GPUs)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")
@@ -213,7 +215,7 @@ def run(args) -> Path:
               file=sys.stderr)
     opts = Options(batch_size=args.batch_size, precision=args.precision,
                    save_activations=args.save_activations, per_scale=args.per_scale,
-                   class_dropout=args.class_dropout, seed=args.seed)
+                   class_dropout=args.class_dropout, seed=args.seed, attention=args.attention)
     info = record(model, plan, out, args.augs, opts, image_shape=(res, res))
     if not main_process:
         return out
@@ -222,7 +224,8 @@ def run(args) -> Path:
         "data": args.data,
         "data_dir": args.data_dir, "splits": splits, "classes": args.classes, "per_class": args.per_class,
         "seed": args.seed, "augs": args.augs, "mid_reso": args.mid_reso, "deterministic": args.deterministic,
-        "class_dropout": args.class_dropout, "precision": args.precision, "batch_size": args.batch_size,
+        "class_dropout": args.class_dropout, "precision": args.precision, "attention": args.attention,
+        "batch_size": args.batch_size,
         "n_images": len(samples), "skipped": info["skipped"], "record_compile_s": info["compile_s"],
         "record_images_per_s": info["images_per_s"], "patch_nums": list(model.config.patch_nums),
         **_versions(),

@@ -196,3 +196,19 @@ def test_class_dropout_is_explicit(converted):
     np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
     assert not np.allclose(np.asarray(c)[0], np.asarray(a)[0])
     np.testing.assert_array_equal(np.asarray(c)[1:], np.asarray(a)[1:])
+
+
+def test_fused_attention_computes_the_same(converted):
+    """`attention="fused"` (jax.nn.dot_product_attention) == the spelled-out softmax."""
+    from varjax.model import _teacher_forced
+    from varjax.var import VAR
+
+    ref = _ref("tiny256_saln")
+    model = varjax.load(converted["tiny256_saln"])
+    x = model.var_input(_ref_tokens(ref))
+    labels = jnp.asarray(ref["labels"], jnp.int32)
+    a, taps_a = _teacher_forced(model.var, model.params["var"], labels, x, None)
+    fused = VAR(model.config.var, model.var.taps, attention="fused")
+    b, taps_b = _teacher_forced(fused, model.params["var"], labels, x, None)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(np.asarray(b)[0], ref["logits0"], rtol=0, atol=LOGITS_ATOL)

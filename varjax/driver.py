@@ -53,6 +53,7 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
+        "attention": opts.attention,
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
     }
 

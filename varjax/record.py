@@ -143,6 +143,7 @@ class Options:
     class_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20  # steps between progress saves
+    attention: str = "einsum"  # or "fused" (jax.nn.dot_product_attention; cuDNN on a GPU)
 
 
 def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
@@ -174,7 +175,7 @@ def make_step(model: Model, num_views: int, opts: Options):
     layout = unit_layout(model)
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
     var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
-              dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32)
+              dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32, attention=opts.attention)
     vqvae = model.vqvae
     scale_mat = jnp.asarray(scale_means_matrix(pn))  # (K, L)
 

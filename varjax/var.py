@@ -44,11 +44,22 @@ def _dense(features: int, dtype, use_bias: bool = True, name: str | None = None)
                     kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
 
+ATTENTION = ("einsum", "fused")
+
+
 class SelfAttention(nn.Module):
+    """Multi-head attention with the block-causal mask.
+
+    `attention`: "einsum" spells the softmax out (float32 logits; the parity path), "fused"
+    calls `jax.nn.dot_product_attention`, which XLA may lower to cuDNN's fused kernel on a GPU
+    (bf16/fp16 inputs). Both compute the same function.
+    """
+
     config: VARConfig
     taps: TapConfig
     block: int
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BLC: jnp.ndarray, mask_LL: jnp.ndarray) -> jnp.ndarray:
@@ -69,10 +80,13 @@ class SelfAttention(nn.Module):
             scale = 1.0  # Upstream: softmax scale 1 with attn_l2_norm, NOT 1/sqrt(c).
         else:
             scale = 0.25 / np.sqrt(hd)
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
-        logits = jnp.where(mask_LL, logits, -jnp.inf)
-        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(B, L, C)
+        if self.attention == "fused":
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask_LL[None, None], scale=scale).reshape(B, L, C)
+        else:
+            logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
+            logits = jnp.where(mask_LL, logits, -jnp.inf)
+            attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(B, L, C)
         out = _dense(C, self.dtype, name="proj")(out)
         tap(self, self.taps, "attn.proj_raw", out, c.patch_nums, self.block)
         return out
@@ -108,6 +122,7 @@ class AdaLNSelfAttn(nn.Module):
     taps: TapConfig
     block: int
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BLC, cond, mask_LL):
@@ -122,7 +137,7 @@ class AdaLNSelfAttn(nn.Module):
             mods = mods.reshape(-1, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = [mods[:, :, i].astype(self.dtype) for i in range(6)]
         ln = _layer_norm(c.norm_eps, self.dtype)
-        attn = SelfAttention(c, self.taps, self.block, self.dtype, name="attn")
+        attn = SelfAttention(c, self.taps, self.block, self.dtype, self.attention, name="attn")
         ffn = FFN(c, self.taps, self.block, self.dtype, name="ffn")
         attn_out = attn(ln(x_BLC) * (1 + scale1) + shift1, mask_LL) * gamma1
         # Upstream: `.mul_(gamma1)` is in place on attn.proj's output tensor, so a forward hook
@@ -138,12 +153,14 @@ class VAR(nn.Module):
     """Teacher-forced VAR: (labels, teacher-forcing input) -> logits (B, L, V).
 
     `dtype` is the compute dtype of the blocks (float32, or bfloat16 as upstream's autocast);
-    parameters, embeddings, the head and every recorded reduction stay float32.
+    parameters, embeddings, the head and every recorded reduction stay float32. `attention`
+    chooses the attention kernel (see SelfAttention).
     """
 
     config: VARConfig
     taps: TapConfig = TapConfig()
     dtype: jnp.dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, label_B: jnp.ndarray, x_BLCv_wo_first_l: jnp.ndarray,
@@ -180,7 +197,8 @@ class VAR(nn.Module):
         mask = jnp.asarray(block_causal_mask(c.patch_nums))
         x_BLC = x_BLC.astype(self.dtype)
         for i in range(c.depth):
-            x_BLC = AdaLNSelfAttn(c, self.taps, i, self.dtype, name=f"blocks_{i}")(x_BLC, cond, mask)
+            x_BLC = AdaLNSelfAttn(c, self.taps, i, self.dtype, self.attention, name=f"blocks_{i}")(
+                x_BLC, cond, mask)
 
         # Upstream get_logits runs the head in float32 (`h.float()`), autocast or not.
         x_BLC = x_BLC.astype(jnp.float32)
