@@ -39,7 +39,8 @@ class Model:
 
     def _need(self, part: str):
         if getattr(self, part) is None:
-            raise ValueError(f"this checkpoint has no {part} (convert it with --{part[:3]})")
+            flag = {"vqvae": "--vae", "var": "--var"}[part]
+            raise ValueError(f"this checkpoint has no {part} (convert it with {flag})")
 
     # -- the VQVAE side -------------------------------------------------------------------
     def tokenize(self, images: np.ndarray) -> list[jnp.ndarray]:
