@@ -31,7 +31,9 @@ if __package__ in (None, ""):  # run as a script: find the checkout
 PRESETS = {
     "demo": dict(data=None, checkpoint=None, out="runs/demo", augs=8, batch_size=16, classes=None,
                  per_class=None, precision="highest", save_activations=True, per_scale=True),
-    "study": dict(data="imagenet2012", checkpoint=None, out="runs/study", augs=8, batch_size=64,
+    # 16 images x 8 views = 128 views a step: what upstream ran in 48-64 GiB (shared/perf.md);
+    # a step holds the VQVAE's 256-px activations of every view, so memory grows with it.
+    "study": dict(data="imagenet2012", checkpoint=None, out="runs/study", augs=8, batch_size=16,
                   classes=32, per_class=256, precision="highest", save_activations=False, per_scale=True),
 }
 
