@@ -196,3 +196,20 @@ def test_unreadable_image_is_skipped_and_listed(tmp_path):
     with pytest.raises(DataError, match="broken.jpg"):
         record(rw.model(), bad_plan("stop"), tmp_path / "stop", rw.NUM_VIEWS, Options(batch_size=4),
                image_shape=(64, 64))
+
+
+def test_class_dropout_rate_one_equals_null_labels(tmp_path):
+    """class_dropout=1 drops every view to the null class; 0.5 drops some, reproducibly."""
+    model, plan = rw.model(), rw.plan()
+    null = Plan.from_views(plan.ids, np.full(len(plan), model.config.var.num_classes), plan.splits,
+                           plan.split_names, rw.views, (rw.NUM_VIEWS, 64, 64, 3))
+    runs = {}
+    for name, p, rate, bs in (("all", plan, 1.0, 4), ("null", null, 0.0, 4), ("half", plan, 0.5, 4),
+                              ("half_b2", plan, 0.5, 2), ("none", plan, 0.0, 4)):
+        record(model, p, tmp_path / name, rw.NUM_VIEWS,
+               Options(batch_size=bs, save_activations=True, class_dropout=rate), image_shape=(64, 64))
+        runs[name] = np.load(tmp_path / name / "activations.npy")
+    np.testing.assert_allclose(runs["all"], runs["null"], rtol=MU_RTOL, atol=1e-7)
+    np.testing.assert_allclose(runs["half"], runs["half_b2"], rtol=MU_RTOL, atol=1e-7)
+    assert not np.allclose(runs["half"], runs["none"], rtol=1e-4)
+    assert not np.allclose(runs["half"], runs["all"], rtol=1e-4)
