@@ -27,7 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +34,7 @@ from varjax import config as config_lib  # noqa: E402
 from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
-from varjax.record import PRECISIONS, Options, make_step, unit_layout  # noqa: E402
+from varjax.record import PRECISIONS, Options, compile_step, unit_layout  # noqa: E402
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
 # non-tensor-core float32 rate). perf.md measured ~790 bf16 on the H200 in practice.
@@ -76,26 +75,16 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def _compiled_step(model: Model, views: int, opts: Options, images_per_step: int, size: int):
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(make_step(model, views, opts), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,))
+def _compiled_step(model: Model, views: int, opts: Options, size: int):
     U = sum(n for *_, n in unit_layout(model))
-    params = jax.device_put(model.params, repl)
-    state = jax.device_put(stats_lib.init_state(1, U), repl)
-    B = images_per_step
-    example = (jax.ShapeDtypeStruct((B, views, size, size, 3), jnp.uint8, sharding=data),) + tuple(
-        jax.ShapeDtypeStruct((B,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
-    t0 = time.perf_counter()
-    compiled = step.lower(params, state, *example).compile()
-    return compiled, params, state, data, time.perf_counter() - t0
+    st = compile_step(model, views, opts, (size, size), stats_lib.init_state(1, U))
+    return st.fn, st.params, st.state, st.batch_sharding, st.compile_s
 
 
 def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int,
               attention: str = "einsum") -> dict:
     opts = Options(batch_size=images_per_step, precision=precision, attention=attention)
-    compiled, params, state, data, compile_s = _compiled_step(model, views, opts, images_per_step, size)
+    compiled, params, state, data, compile_s = _compiled_step(model, views, opts, size)
     B = images_per_step
     imgs = jax.device_put(_synthetic_images(B, views, size), data)
     rest = [jax.device_put(a, data) for a in (np.zeros(B, np.int32), np.arange(B, dtype=np.int32),
@@ -135,7 +124,7 @@ def precision_cost(model: Model, n_images: int, views: int, images_per_step: int
     results = {}
     for precision in precisions:
         opts = Options(batch_size=images_per_step, precision=precision, save_activations=True)
-        compiled, params, state, data, _ = _compiled_step(model, views, opts, images_per_step, size)
+        compiled, params, state, data, _ = _compiled_step(model, views, opts, size)
         mus = []
         for s in range(0, n_images, images_per_step):
             chunk = imgs_all[s:s + images_per_step]

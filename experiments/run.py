@@ -136,8 +136,13 @@ def _image_loader(run_dir: Path, samples=None, source=None):
                 source = None
     locators = {}
     if source is not None and samples is None:
+        # Only the run's classes: listing every class of ImageNet would read its whole index.
+        import csv
+
+        with open(run_dir / "samples.csv", newline="") as f:
+            labels = sorted({int(r["label"]) for r in csv.DictReader(f)})
         try:
-            samples = data.select(source, splits=[s for s in source.splits])
+            samples = data.select(source, classes=labels, splits=list(source.splits))
         except data.DataError:
             samples = []
     for s in samples or []:

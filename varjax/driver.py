@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
 from varjax.model import Model
-from varjax.record import Options, Plan, RecordError, make_step, unit_layout
+from varjax.record import Options, Plan, RecordError, compile_step, unit_layout
 from varjax.runfiles import atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
 PROGRESS = "progress.npz"
@@ -90,7 +88,7 @@ class _Progress:
 
 
 def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: Options = Options(),
-           image_shape: tuple[int, int] | None = None, extra_info: dict | None = None) -> dict[str, Any]:
+           image_shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run the pass over `plan` into `out_dir`; returns the run's info (also in record.json).
 
     Args:
@@ -150,17 +148,8 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
         per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * K), position)
 
     # -- the compiled step ------------------------------------------------------------------
-    mesh = Mesh(np.array(devices), ("data",))
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,))
-    params = jax.device_put(model.params, repl)
-    dev_state = jax.device_put(state, repl)
-    t0 = time.perf_counter()
-    example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
-        jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
-    compiled = step.lower(params, dev_state, *example).compile()
-    compile_s = time.perf_counter() - t0
+    step = compile_step(model, num_views, opts, (H, W), state)
+    compiled, params, dev_state, data = step.fn, step.params, step.state, step.batch_sharding
 
     def to_global(a: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(data, a)
@@ -241,9 +230,8 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     info = {
         "fingerprint": fp, "images": N, "num_views": num_views, "precision": opts.precision,
         "batch_size": G, "devices": [str(d.device_kind) for d in devices][:1] + [f"x{len(devices)}"],
-        "processes": jax.process_count(), "compile_s": round(compile_s, 3),
+        "processes": jax.process_count(), "compile_s": round(step.compile_s, 3),
         "images_per_s": round(progress.rate(), 4), "skipped": len(skipped),
-        **(extra_info or {}),
     }
     if main:
         write_units_csv(out / "units.csv", layout)

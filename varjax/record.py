@@ -18,11 +18,13 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Callable, Iterable
+import time
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
 from varjax.model import Model
@@ -216,6 +218,40 @@ def make_step(model: Model, num_views: int, opts: Options):
         return state, out
 
     return step
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """`make_step` compiled for a mesh of every device: call `fn(params, state, *batch)`."""
+
+    fn: Any
+    params: Any  # replicated on the mesh
+    state: dict  # replicated on the mesh (donated to each call)
+    batch_sharding: NamedSharding  # of images, labels, ids, splits, valid (sharded over devices)
+    compile_s: float
+
+
+def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
+                 state: dict) -> CompiledStep:
+    """Jit `make_step` with the batch sharded and parameters and statistics replicated, and
+    compile it ahead of time (so compile time is reported apart from steady-state speed).
+
+    Args:
+      image_shape: (H, W) of the views; opts.batch_size: images per step over all devices.
+      state: host statistics (`varjax.stats.init_state` or a resumed checkpoint).
+    """
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
+                   out_shardings=(repl, data), donate_argnums=(1,))
+    params = jax.device_put(model.params, repl)
+    dev_state = jax.device_put(state, repl)
+    G, (H, W) = opts.batch_size, image_shape
+    example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
+        jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, dev_state, *example).compile()
+    return CompiledStep(compiled, params, dev_state, data, time.perf_counter() - t0)
 
 
 def _dropout_mask(seed: int, ids, num_views: int, rate: float) -> jnp.ndarray:
