@@ -8,9 +8,11 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py                         # d16, all precisions
     python experiments/bench.py --config tiny --images-per-step 2 --steps 3
     python experiments/bench.py --precision-cost --config d16 --images 64
+    python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
 
-`--precision-cost` runs the same images through every precision and compares each with
-`highest`: share of identical tokens, max relative error of mu, Spearman rank correlation of
+Each precision's first setting also times the tokenizer alone on one step's views (a
+"tokenizer" line), which shows how the step's time splits. `--precision-cost` then also runs
+the same images through every timed precision and compares each with `highest`: share of identical tokens, max relative error of mu, Spearman rank correlation of
 UnitMem, agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets.
 """
 
@@ -35,6 +37,7 @@ from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
 from varjax.record import PRECISIONS, Options, compile_step, unit_layout  # noqa: E402
+from varjax.var import ATTENTION  # noqa: E402
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
 # non-tensor-core float32 rate). perf.md measured ~790 bf16 on the H200 in practice.
@@ -81,9 +84,29 @@ def _compiled_step(model: Model, views: int, opts: Options, size: int):
     return st.fn, st.params, st.state, st.batch_sharding, st.compile_s
 
 
+def _compiled_mem_gib(compiled) -> float | None:
+    """Device memory the compiled step needs (arguments + outputs + temporaries - aliased)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if m is None:
+        return None
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return round(total / 2**30, 3)
+
+
 def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int,
-              attention: str = "einsum") -> dict:
-    opts = Options(batch_size=images_per_step, precision=precision, attention=attention)
+              attention: str = "einsum", cost_images: np.ndarray | None = None):
+    """Time one compiled step at steady state; returns (JSON row, mu of `cost_images` or None).
+
+    The step is compiled as a run that keeps activations (`save_activations`), so the same
+    program also yields the per-sample mu that `precision_cost` compares; that costs one more
+    (B, U) output per step and nothing else.
+    """
+    opts = Options(batch_size=images_per_step, precision=precision, attention=attention,
+                   save_activations=True)
     compiled, params, state, data, compile_s = _compiled_step(model, views, opts, size)
     B = images_per_step
     imgs = jax.device_put(_synthetic_images(B, views, size), data)
@@ -104,62 +127,83 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
     mem = dev.memory_stats() or {}
     tflops = flops * steps / dt / 1e12 if flops else None
     peak = _peak(dev.device_kind, precision)
-    return {
+    row = {
         "what": "throughput", "precision": precision, "attention": attention, "images_per_s": round(ips, 4),
         "views_per_s": round(ips * views, 3), "views": views, "images_per_step": B,
         "steps": steps, "compile_s": round(compile_s, 2),
         "gflop_per_view": round(flops / (B * views) / 1e9, 2) if flops else None,
         "tflop_per_s": round(tflops, 3) if tflops else None,
         "peak_share": round(tflops / (peak * len(jax.devices())), 4) if tflops and peak else None,
+        "step_mem_gib": _compiled_mem_gib(compiled),
         "peak_device_mem_gib": round(mem["peak_bytes_in_use"] / 2**30, 3) if "peak_bytes_in_use" in mem else None,
         "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "device": dev.device_kind, "devices": len(jax.devices()), **_versions(),
     }
-
-
-def precision_cost(model: Model, n_images: int, views: int, images_per_step: int, size: int,
-                   precisions=PRECISIONS) -> list[dict]:
-    """Each precision vs `highest` on the same n_images: tokens, mu, UnitMem, U10."""
-    imgs_all = _synthetic_images(n_images, views, size, seed=1)
-    results = {}
-    for precision in precisions:
-        opts = Options(batch_size=images_per_step, precision=precision, save_activations=True)
-        compiled, params, state, data, _ = _compiled_step(model, views, opts, size)
+    mu = None
+    if cost_images is not None:
         mus = []
-        for s in range(0, n_images, images_per_step):
-            chunk = imgs_all[s:s + images_per_step]
-            B = len(chunk)
-            pad = images_per_step - B
-            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], np.uint8)]) if pad else chunk
-            ids = np.arange(s, s + images_per_step, dtype=np.int32)
-            valid = np.arange(images_per_step) < B
-            args = [jax.device_put(a, data) for a in (chunk, np.zeros(images_per_step, np.int32), ids,
-                                                      np.zeros(images_per_step, np.int32), valid)]
+        n = len(cost_images)
+        for s in range(0, n, B):
+            chunk = cost_images[s:s + B]
+            b = len(chunk)
+            if b < B:
+                chunk = np.concatenate([chunk, np.zeros((B - b,) + chunk.shape[1:], np.uint8)])
+            args = [jax.device_put(a, data) for a in (chunk, np.zeros(B, np.int32),
+                                                      np.arange(s, s + B, dtype=np.int32),
+                                                      np.zeros(B, np.int32), np.arange(B) < b)]
             state, out = compiled(params, state, *args)
-            mus.append(np.asarray(out["mu"])[:B])
-        tok_fn = _token_fn(model, precision)
-        tokens = np.concatenate([tok_fn(imgs_all[i:i + 1].reshape((-1, size, size, 3)))
-                                 for i in range(min(n_images, 16))])
-        results[precision] = (np.concatenate(mus), tokens)
+            mus.append(np.asarray(out["mu"])[:b])
+        mu = np.concatenate(mus)
+    return row, mu
+
+
+def tokenizer_one(model: Model, precision: str, images: np.ndarray, steps: int):
+    """Time the tokenizer alone on `images` (N, A, H, W, 3) as one batch of N*A views; returns
+    (JSON row, tokens (N*A, L)). Tells how the step's time splits between the two halves."""
+    tok = _token_fn(model, precision)
+    flat = jax.device_put(images.reshape((-1,) + images.shape[2:]))
+    t0 = time.perf_counter()
+    compiled = tok.lower(flat).compile()
+    compile_s = time.perf_counter() - t0
+    tokens = np.asarray(compiled(flat))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = compiled(flat)
+    jax.block_until_ready(out)
+    dt = time.perf_counter() - t0
+    row = {"what": "tokenizer", "precision": precision, "views_per_s": round(len(flat) * steps / dt, 3),
+           "views_per_step": len(flat), "steps": steps, "compile_s": round(compile_s, 2),
+           "device": jax.devices()[0].device_kind, **_versions()}
+    return row, tokens
+
+
+def precision_cost(results: dict, n_images: int, views: int) -> list[dict]:
+    """Each setting vs `highest`: results[label] = (mu (N, U), tokens (M, L)), label "bf16",
+    "bf16/cudnn", ... (the attention kernel named where it is not the spelled-out one)."""
+    from scipy.stats import spearmanr
 
     mu_ref, tok_ref = results["highest"]
     ids = np.arange(n_images)
-    um_ref = unitmem.unitmem_mean(unitmem.stats_from_matrix(mu_ref, ids))
+    st_ref = unitmem.stats_from_matrix(mu_ref, ids)
+    um_ref = unitmem.unitmem_mean(st_ref)
     u10_ref, _ = unitmem.top_units(um_ref)
-    arg_ref = unitmem.stats_from_matrix(mu_ref, ids).argmax
     rows = []
-    for precision, (mu, tok) in results.items():
+    for label, (mu, tok) in results.items():
+        precision, _, attention = label.partition("/")
+        m = min(len(tok), len(tok_ref))  # the same leading images, whatever each step size was
+        tok, ref = tok[:m], tok_ref[:m]
         st = unitmem.stats_from_matrix(mu, ids)
         um = unitmem.unitmem_mean(st)
         u10, _ = unitmem.top_units(um)
-        from scipy.stats import spearmanr
-
         rows.append({
-            "what": "precision_cost", "precision": precision, "vs": "highest", "images": n_images,
-            "views": views, "identical_tokens": float(np.mean(tok == tok_ref)),
+            "what": "precision_cost", "precision": precision, "attention": attention or "einsum",
+            "vs": "highest", "images": n_images,
+            "views": views, "identical_tokens": float(np.mean(tok == ref)),
+            "token_views_compared": int(len(tok)),
             "mu_max_rel_err": float(np.max(np.abs(mu - mu_ref) / np.maximum(np.abs(mu_ref), 1e-6))),
             "unitmem_spearman": float(spearmanr(um, um_ref).statistic),
-            "u10_argmax_agreement": float(np.mean(st.argmax[u10_ref] == arg_ref[u10_ref])),
+            "u10_units": int(u10_ref.sum()),
+            "u10_argmax_agreement": float(np.mean(st.argmax[u10_ref] == st_ref.argmax[u10_ref])),
             "u10_jaccard": float((u10 & u10_ref).sum() / max((u10 | u10_ref).sum(), 1)),
             "device": jax.devices()[0].device_kind, **_versions(),
         })
@@ -177,7 +221,16 @@ def _token_fn(model: Model, precision: str):
                                   method=VQVAE.tokenize)
         return jnp.concatenate(t, axis=1)
 
-    return lambda x: np.asarray(tok(x))
+    return tok
+
+
+def _variant(text: str) -> tuple[str, str, int]:
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in PRECISIONS or parts[1] not in ATTENTION \
+            or not parts[2].isdigit() or int(parts[2]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected PRECISION:ATTENTION:IMAGES_PER_STEP, e.g. bf16:fused:16")
+    return parts[0], parts[1], int(parts[2])
 
 
 def main(argv=None) -> int:
@@ -190,15 +243,25 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-step", type=int, default=16, help="images per step, all devices")
     ap.add_argument("--views", type=int, default=8, help="augmentations per image")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    ap.add_argument("--attention", action="append", choices=("einsum", "fused"),
+    ap.add_argument("--attention", action="append", choices=ATTENTION,
                     help="attention kernel to time (repeatable; default einsum)")
-    ap.add_argument("--precision-cost", action="store_true", help="compare precisions instead of timing")
+    ap.add_argument("--variant", action="append", type=_variant, metavar="P:A:B",
+                    help="time exactly these precision:attention:images-per-step settings "
+                         "(repeatable; replaces the --precision x --attention grid)")
+    ap.add_argument("--precision-cost", action="store_true",
+                    help="also compare every timed precision with highest on --images images")
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     args = ap.parse_args(argv)
-    if args.images_per_step % len(jax.devices()):
-        print(f"bench: error: --images-per-step must be a multiple of the {len(jax.devices())} devices",
-              file=sys.stderr)
-        return 2
+    variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
+                                for a in (args.attention or ("einsum",))]
+    if args.precision_cost and "highest" not in {p for p, _, _ in variants}:
+        variants.append(("highest", "einsum", variants[0][2]))
+    n_dev = len(jax.devices())
+    for _, _, b in variants:
+        if b % n_dev:
+            print(f"bench: error: images per step ({b}) must be a multiple of the {n_dev} devices",
+                  file=sys.stderr)
+            return 2
     if args.checkpoint:
         import varjax
 
@@ -207,18 +270,38 @@ def main(argv=None) -> int:
     else:
         cfg = config_lib.PRESETS[args.config]()
         model = Model(cfg, init_params(cfg, seed=0))
-    precisions = tuple(args.precision or PRECISIONS)
-    if args.precision_cost:
-        for row in precision_cost(model, args.images, args.views, args.images_per_step,
-                                  cfg.resolution, ("highest",) + tuple(p for p in precisions if p != "highest")):
+    tokens_by_precision = {}
+    cost_imgs = _synthetic_images(args.images, args.views, cfg.resolution, seed=1) if args.precision_cost else None
+    results, timed = {}, set()
+    failed = 0
+    for precision, attention, b in variants:
+        label = precision if attention == "einsum" else f"{precision}/{attention}"
+        first = label not in results
+        try:
+            row, mu = bench_one(model, precision, b, args.views, args.steps, cfg.resolution, attention,
+                                cost_imgs if first else None)
+        except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
+            failed += 1
+            print(json.dumps({"config": args.config, "what": "error", "precision": precision,
+                              "attention": attention, "images_per_step": b,
+                              "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}),
+                  flush=True)
+            continue
+        print(json.dumps({"config": args.config, **row}), flush=True)
+        tokens = None
+        if precision not in timed:
+            # the tokenizer alone on one step's views: its speed, and tokens for the cost table
+            timed.add(precision)
+            src = cost_imgs if cost_imgs is not None else _synthetic_images(b, args.views, cfg.resolution)
+            trow, tokens = tokenizer_one(model, precision, src[:b], args.steps)
+            print(json.dumps({"config": args.config, **trow}), flush=True)
+            tokens_by_precision[precision] = tokens
+        if first:
+            results[label] = (mu, tokens_by_precision[precision])
+    if args.precision_cost and "highest" in results:
+        for row in precision_cost(results, args.images, args.views):
             print(json.dumps({"config": args.config, **row}), flush=True)
-        return 0
-    for precision in precisions:
-        for attention in args.attention or ("einsum",):
-            row = bench_one(model, precision, args.images_per_step, args.views, args.steps, cfg.resolution,
-                            attention)
-            print(json.dumps({"config": args.config, **row}), flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

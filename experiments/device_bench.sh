@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue 6, for a session lent an accelerator (one short call):
-#   d16 + the released VQVAE shape, random weights: throughput per precision, then what tf32
-#   and bf16 cost against highest. JSON lines go to $OUT/bench.jsonl (or runs/bench/).
+#   d16 + the released VQVAE shape, random weights, 8 views per image. Part 1 times each
+#   precision and attention kernel at the study's step (16 images x 8 views), the tokenizer
+#   alone, and what tf32 / bf16 / the fused kernels cost against highest on 64 images.
+#   Part 2 times twice the step size. JSON lines go to $OUT/bench.jsonl (or runs/bench/).
 # Needs only jax, flax, numpy, scipy on the machine (no grain, no tfds, no torch).
-# About 6 minutes on one H100/H200 (compiles included); pass a smaller --images-per-step
-# through IMAGES_PER_STEP if memory runs out.
-set -euo pipefail
+# About 5-7 minutes on one H100/H200, compiles included; each part has its own time limit so
+# a slow compile costs its own rows, not the rest.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/bench}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
-ips="${IMAGES_PER_STEP:-16}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 experiments/bench.py --config d16 --images-per-step "$ips" --views 8 --steps 5 \
-  --attention einsum --attention fused | tee "$out/bench.jsonl"
-python3 experiments/bench.py --config d16 --precision-cost --images 64 --images-per-step "$ips" \
-  | tee -a "$out/bench.jsonl"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
+timeout "${PART1_S:-330}" python3 experiments/bench.py --config d16 --views 8 --steps 10 \
+  --precision-cost --images 64 \
+  --variant bf16:einsum:16 --variant bf16:cudnn:16 --variant bf16:fused:16 \
+  --variant tf32:einsum:16 --variant highest:einsum:16 2>"$out/part1.err" | tee "$out/bench.jsonl"
+echo "part 1 exit $?"; tail -3 "$out/part1.err"
+timeout "${PART2_S:-150}" python3 experiments/bench.py --config d16 --views 8 --steps 10 \
+  --variant bf16:cudnn:32 --variant bf16:einsum:32 2>"$out/part2.err" | tee -a "$out/bench.jsonl"
+echo "part 2 exit $?"; tail -3 "$out/part2.err"
+python3 - "$out/bench.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    if not line.startswith("{"):
+        continue
+    r = json.loads(line)
+    keys = {"throughput": ("precision", "attention", "images_per_step", "images_per_s", "tflop_per_s",
+                           "peak_share", "compile_s", "step_mem_gib", "peak_device_mem_gib"),
+            "tokenizer": ("precision", "views_per_s", "compile_s"),
+            "precision_cost": ("precision", "attention", "identical_tokens", "mu_max_rel_err",
+                               "unitmem_spearman", "u10_argmax_agreement", "u10_jaccard"),
+            "error": ("precision", "attention", "images_per_step", "error")}[r["what"]]
+    print(r["what"][:10], *(f"{k}={r.get(k)}" for k in keys))
+PY

@@ -52,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--splits", default="train,val", help="splits to record (D' = train, D_val = val)")
     ap.add_argument("--seed", type=int, default=0, help="class-drawing and augmentation seed")
     ap.add_argument("--precision", choices=("highest", "tf32", "bf16"))
-    ap.add_argument("--attention", choices=("einsum", "fused"), default="einsum",
-                    help="attention kernel: spelled-out softmax, or jax.nn.dot_product_attention (cuDNN on GPUs)")
+    ap.add_argument("--attention", choices=("einsum", "fused", "cudnn"), default="einsum",
+                    help="attention kernel: spelled-out softmax (parity), jax.nn.dot_product_attention "
+                         "(XLA), or the same through cuDNN's flash kernel (GPU, --precision bf16)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")

@@ -18,8 +18,11 @@ def _bench(*args: str) -> list[dict]:
 
 
 def test_throughput_line_has_every_field():
-    (row,) = _bench("--config", "micro", "--images-per-step", "2", "--views", "2", "--steps", "1",
-                    "--precision", "highest")
+    rows = _bench("--config", "micro", "--images-per-step", "2", "--views", "2", "--steps", "1",
+                  "--precision", "highest")
+    (row,) = [r for r in rows if r["what"] == "throughput"]
+    (tok,) = [r for r in rows if r["what"] == "tokenizer"]
+    assert tok["views_per_step"] == 4 and tok["views_per_s"] > 0
     for key in ("images_per_s", "views_per_s", "compile_s", "tflop_per_s", "gflop_per_view",
                 "peak_device_mem_gib", "device", "jax", "precision"):
         assert key in row, key
@@ -29,10 +32,25 @@ def test_throughput_line_has_every_field():
 def test_precision_cost_compares_against_highest():
     rows = _bench("--config", "micro", "--precision-cost", "--images", "8", "--views", "2",
                   "--images-per-step", "4", "--precision", "bf16")
-    by = {r["precision"]: r for r in rows}
+    by = {r["precision"]: r for r in rows if r["what"] == "precision_cost"}
     assert set(by) == {"highest", "bf16"}
+    assert {r["what"] for r in rows} == {"throughput", "tokenizer", "precision_cost"}
     ref = by["highest"]
     assert ref["identical_tokens"] == 1.0 and ref["mu_max_rel_err"] == 0.0 and ref["u10_jaccard"] == 1.0
     # bf16 is not float32: its mu must differ (a mode that silently ran in float32 fails here)
     assert by["bf16"]["mu_max_rel_err"] > 0
     assert 0 <= by["bf16"]["u10_jaccard"] <= 1
+
+
+def test_variants_time_exactly_what_is_named():
+    rows = _bench("--config", "micro", "--views", "2", "--steps", "1",
+                  "--variant", "bf16:fused:2", "--variant", "bf16:einsum:4")
+    got = [(r["precision"], r["attention"], r["images_per_step"]) for r in rows if r["what"] == "throughput"]
+    assert got == [("bf16", "fused", 2), ("bf16", "einsum", 4)]
+    assert all(r["step_mem_gib"] is None or r["step_mem_gib"] > 0 for r in rows if r["what"] == "throughput")
+
+
+def test_a_bad_variant_is_one_clear_error():
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--variant", "bf16:flash:2"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "PRECISION:ATTENTION:IMAGES_PER_STEP" in res.stderr

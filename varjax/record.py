@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from varjax import stats as stats_lib
 from varjax.model import Model
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
-from varjax.var import VAR
+from varjax.var import ATTENTION, VAR
 
 PRECISIONS = ("highest", "tf32", "bf16")
 
@@ -145,7 +145,9 @@ class Options:
     class_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20  # steps between progress saves
-    attention: str = "einsum"  # or "fused" (jax.nn.dot_product_attention; cuDNN on a GPU)
+    # "einsum" (spelled-out softmax, the parity path), "fused" (jax.nn.dot_product_attention,
+    # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
+    attention: str = "einsum"
 
 
 def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
@@ -171,6 +173,13 @@ def _precision(mode: str, part: str):
 
 def make_step(model: Model, num_views: int, opts: Options):
     """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
+    if opts.attention not in ATTENTION:
+        raise RecordError(f"attention {opts.attention!r}: expected one of {', '.join(ATTENTION)}")
+    if opts.attention == "cudnn" and opts.precision != "bf16":
+        raise RecordError(f"attention 'cudnn' runs only with precision 'bf16' (cuDNN's fused kernel "
+                          f"takes bf16/fp16), not {opts.precision!r}")
+    if opts.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)

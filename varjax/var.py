@@ -44,15 +44,17 @@ def _dense(features: int, dtype, use_bias: bool = True, name: str | None = None)
                     kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
 
-ATTENTION = ("einsum", "fused")
+ATTENTION = ("einsum", "fused", "cudnn")
 
 
 class SelfAttention(nn.Module):
     """Multi-head attention with the block-causal mask.
 
     `attention`: "einsum" spells the softmax out (float32 logits; the parity path), "fused"
-    calls `jax.nn.dot_product_attention`, which XLA may lower to cuDNN's fused kernel on a GPU
-    (bf16/fp16 inputs). Both compute the same function.
+    calls `jax.nn.dot_product_attention` with XLA's own lowering (the same algebra, the
+    softmax in the input dtype), "cudnn" the same function through cuDNN's fused flash kernel
+    (an NVIDIA GPU and bfloat16 `dtype` only; the mask goes in as an additive bias). All three
+    compute the same function.
     """
 
     config: VARConfig
@@ -80,8 +82,10 @@ class SelfAttention(nn.Module):
             scale = 1.0  # Upstream: softmax scale 1 with attn_l2_norm, NOT 1/sqrt(c).
         else:
             scale = 0.25 / np.sqrt(hd)
-        if self.attention == "fused":
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask_LL[None, None], scale=scale).reshape(B, L, C)
+        if self.attention in ("fused", "cudnn"):
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask_LL[None, None], scale=scale,
+                implementation="cudnn" if self.attention == "cudnn" else None).reshape(B, L, C)
         else:
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
             logits = jnp.where(mask_LL, logits, -jnp.inf)
