@@ -51,10 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--per-class", type=int, help="first N images per class (sorted file order)")
     ap.add_argument("--splits", default="train,val", help="splits to record (D' = train, D_val = val)")
     ap.add_argument("--seed", type=int, default=0, help="class-drawing and augmentation seed")
-    ap.add_argument("--precision", choices=("highest", "tf32", "bf16"))
+    ap.add_argument("--precision", choices=("highest", "tf32", "bf16", "bf16_full"),
+                    help="highest: float32 (parity); tf32: TF32 matmuls and convolutions; bf16: the "
+                         "transformer in bfloat16, tokenizer TF32 (upstream's training setup); "
+                         "bf16_full: the tokenizer's encoder in bfloat16 too (README: what each costs)")
     ap.add_argument("--attention", choices=("einsum", "fused", "cudnn"), default="einsum",
                     help="attention kernel: spelled-out softmax (parity), jax.nn.dot_product_attention "
-                         "(XLA), or the same through cuDNN's flash kernel (GPU, --precision bf16)")
+                         "(XLA), or the same through cuDNN's flash kernel (GPU, a bf16 precision)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")

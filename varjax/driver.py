@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from varjax import stats as stats_lib
 from varjax.model import Model
-from varjax.record import Options, Plan, RecordError, compile_step, unit_layout
+from varjax.record import PRECISIONS, Options, Plan, RecordError, compile_step, unit_layout
 from varjax.runfiles import atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
 PROGRESS = "progress.npz"
@@ -101,8 +101,8 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if opts.precision not in ("highest", "tf32", "bf16"):
-        raise RecordError(f"unknown precision {opts.precision!r}; choose highest, tf32 or bf16")
+    if opts.precision not in PRECISIONS:
+        raise RecordError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     fp = _fingerprint(model, plan, num_views, opts)
     main = jax.process_index() == 0
     done_file = out / DONE

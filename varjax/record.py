@@ -31,7 +31,8 @@ from varjax.model import Model
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
 
-PRECISIONS = ("highest", "tf32", "bf16")
+PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
+BF16_MODES = ("bf16", "bf16_full")
 
 
 class RecordError(RuntimeError):
@@ -160,7 +161,8 @@ def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
 @contextlib.contextmanager
 def _precision(mode: str, part: str):
     # highest: float32 everywhere (parity); tf32: TF32 matmuls and convs; bf16: transformer in
-    # bfloat16 (its matmuls in bf16), tokenizer float32 with TF32 (upstream's training setup).
+    # bfloat16 (its matmuls in bf16), tokenizer float32 with TF32 (upstream's training setup);
+    # bf16_full: as bf16, and the VQVAE encoder in bfloat16 too (`tokenizer`).
     if mode == "highest":
         p = "highest"
     elif mode == "tf32" or part == "vqvae":
@@ -171,12 +173,19 @@ def _precision(mode: str, part: str):
         yield
 
 
+def tokenizer(model: Model, precision: str):
+    """The VQVAE module that tokenizes in `precision` (run it under `_precision(precision, "vqvae")`)."""
+    return model.vqvae.clone(encoder_dtype=jnp.bfloat16) if precision == "bf16_full" else model.vqvae
+
+
 def make_step(model: Model, num_views: int, opts: Options):
     """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
     if opts.attention not in ATTENTION:
         raise RecordError(f"attention {opts.attention!r}: expected one of {', '.join(ATTENTION)}")
-    if opts.attention == "cudnn" and opts.precision != "bf16":
-        raise RecordError(f"attention 'cudnn' runs only with precision 'bf16' (cuDNN's fused kernel "
+    if opts.precision not in PRECISIONS:
+        raise RecordError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opts.attention == "cudnn" and opts.precision not in BF16_MODES:
+        raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
                           f"takes bf16/fp16), not {opts.precision!r}")
     if opts.attention == "cudnn" and jax.default_backend() != "gpu":
         raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
@@ -186,8 +195,8 @@ def make_step(model: Model, num_views: int, opts: Options):
     layout = unit_layout(model)
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
     var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
-              dtype=jnp.bfloat16 if opts.precision == "bf16" else jnp.float32, attention=opts.attention)
-    vqvae = model.vqvae
+              dtype=jnp.bfloat16 if opts.precision in BF16_MODES else jnp.float32, attention=opts.attention)
+    vqvae = tokenizer(model, opts.precision)
     scale_mat = jnp.asarray(scale_means_matrix(pn))  # (K, L)
 
     def step(params, state, images, labels, ids, splits, valid):
@@ -238,6 +247,8 @@ class CompiledStep:
     state: dict  # replicated on the mesh (donated to each call)
     batch_sharding: NamedSharding  # of images, labels, ids, splits, valid (sharded over devices)
     compile_s: float
+    flops: float | None = None  # per call, counted on the HLO before optimization (no backend
+    # counts the FLOPs of library calls such as cuBLAS/cuDNN in its compiled cost analysis)
 
 
 def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
@@ -259,8 +270,19 @@ def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple
     example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
         jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
     t0 = time.perf_counter()
-    compiled = step.lower(params, dev_state, *example).compile()
-    return CompiledStep(compiled, params, dev_state, data, time.perf_counter() - t0)
+    lowered = step.lower(params, dev_state, *example)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    return CompiledStep(compiled, params, dev_state, data, compile_s, _hlo_flops(lowered))
+
+
+def _hlo_flops(lowered) -> float | None:
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - an estimate only; some backends have none
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def _dropout_mask(seed: int, ids, num_views: int, rate: float) -> jnp.ndarray:

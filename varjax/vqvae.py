@@ -21,47 +21,56 @@ from varjax import resize
 from varjax.config import VQVAEConfig
 
 
-def _norm(name: str | None = None) -> nn.GroupNorm:
+def _norm(name: str | None = None, dtype=jnp.float32) -> nn.GroupNorm:
     # Upstream `Normalize`: GroupNorm(32, eps=1e-6, affine). The two-pass variance matches
     # PyTorch; flax's default one-pass E[x^2]-E[x]^2 loses digits on large activations.
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, name=name)
+    # Statistics are computed in float32 whatever `dtype` (the output's) is.
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int = 3, name: str | None = None) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, name=name)
+def _conv(features: int, kernel: int = 3, name: str | None = None, dtype=jnp.float32) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
     out_channels: int
+    dtype: jnp.dtype = jnp.float32  # compute dtype (parameters stay float32)
 
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
-        h = _conv(self.out_channels, name="conv1")(nn.silu(_norm("norm1")(x_BHWC)))
-        h = _conv(self.out_channels, name="conv2")(nn.silu(_norm("norm2")(h)))
+        d = self.dtype
+        h = _conv(self.out_channels, name="conv1", dtype=d)(nn.silu(_norm("norm1", d)(x_BHWC)))
+        h = _conv(self.out_channels, name="conv2", dtype=d)(nn.silu(_norm("norm2", d)(h)))
         if x_BHWC.shape[-1] != self.out_channels:
-            x_BHWC = _conv(self.out_channels, 1, name="nin_shortcut")(x_BHWC)
-        return x_BHWC + h
+            x_BHWC = _conv(self.out_channels, 1, name="nin_shortcut", dtype=d)(x_BHWC)
+        return x_BHWC.astype(d) + h
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions (q, k, v from one 1x1 conv)."""
 
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
         B, H, W, C = x_BHWC.shape
-        qkv = _conv(3 * C, 1, name="qkv")(_norm("norm")(x_BHWC)).reshape(B, H * W, 3 * C)
+        d = self.dtype
+        qkv = _conv(3 * C, 1, name="qkv", dtype=d)(_norm("norm", d)(x_BHWC)).reshape(B, H * W, 3 * C)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # upstream splits channels in the order q, k, v
-        w = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) * C**-0.5, axis=-1)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * C**-0.5
+        w = jax.nn.softmax(logits, axis=-1).astype(d)
         h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
-        return x_BHWC + _conv(C, 1, name="proj_out")(h)
+        return x_BHWC.astype(d) + _conv(C, 1, name="proj_out", dtype=d)(h)
 
 
 class Downsample(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
         # Upstream pads right and bottom by one zero, then a 3x3 stride-2 conv without padding.
         x = jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding="VALID", name="conv")(x)
+        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding="VALID", dtype=self.dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -78,15 +87,16 @@ class _Level(nn.Module):
     num_blocks: int
     attn: bool
     resample: str | None  # "down", "up" or None
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
         for i in range(self.num_blocks):
-            h = ResnetBlock(self.out_channels, name=f"block_{i}")(h)
+            h = ResnetBlock(self.out_channels, self.dtype, name=f"block_{i}")(h)
             if self.attn:
-                h = AttnBlock(name=f"attn_{i}")(h)
+                h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
         if self.resample == "down":
-            h = Downsample(name="downsample")(h)
+            h = Downsample(self.dtype, name="downsample")(h)
         elif self.resample == "up":
             h = Upsample(name="upsample")(h)
         return h
@@ -95,29 +105,32 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     channels: int
     attn: bool
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
-        h = ResnetBlock(self.channels, name="block_1")(h)
+        h = ResnetBlock(self.channels, self.dtype, name="block_1")(h)
         if self.attn:
-            h = AttnBlock(name="attn_1")(h)
-        return ResnetBlock(self.channels, name="block_2")(h)
+            h = AttnBlock(self.dtype, name="attn_1")(h)
+        return ResnetBlock(self.channels, self.dtype, name="block_2")(h)
 
 
 class Encoder(nn.Module):
     config: VQVAEConfig
+    dtype: jnp.dtype = jnp.float32  # compute dtype; the output is float32 either way
 
     @nn.compact
     def __call__(self, x_BHW3: jnp.ndarray) -> jnp.ndarray:
         c = self.config
+        d = self.dtype
         n = len(c.ch_mult)
-        h = _conv(c.ch, name="conv_in")(x_BHW3)
+        h = _conv(c.ch, name="conv_in", dtype=d)(x_BHW3)
         for i, mult in enumerate(c.ch_mult):
             last = i == n - 1
             h = _Level(c.ch * mult, c.num_res_blocks, attn=last and c.using_sa,
-                       resample=None if last else "down", name=f"down_{i}")(h)
-        h = _Mid(c.ch * c.ch_mult[-1], c.using_mid_sa, name="mid")(h)
-        return _conv(c.z_channels, name="conv_out")(nn.silu(_norm("norm_out")(h)))
+                       resample=None if last else "down", dtype=d, name=f"down_{i}")(h)
+        h = _Mid(c.ch * c.ch_mult[-1], c.using_mid_sa, d, name="mid")(h)
+        return _conv(c.z_channels, name="conv_out", dtype=d)(nn.silu(_norm("norm_out", d)(h))).astype(jnp.float32)
 
 
 class Decoder(nn.Module):
@@ -248,10 +261,13 @@ class VQVAE(nn.Module):
     """Encoder + quant_conv + quantizer + post_quant_conv + decoder (upstream VQVAE)."""
 
     config: VQVAEConfig
+    # The encoder's compute dtype (bfloat16 in the `bf16_full` recording mode). quant_conv,
+    # the quantizer (area/bicubic resizing, codebook search, phi) and the decoder stay float32.
+    encoder_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
         c = self.config
-        self.encoder = Encoder(c)
+        self.encoder = Encoder(c, self.encoder_dtype)
         self.decoder = Decoder(c)
         self.quant_conv = _conv(c.z_channels)
         self.post_quant_conv = _conv(c.z_channels)
