@@ -19,7 +19,9 @@ UnitMem, agreement of the argmax over U10(highest), and the Jaccard index of the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import platform
 import resource
 import sys
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +39,7 @@ from varjax import config as config_lib  # noqa: E402
 from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
-from varjax.record import PRECISIONS, Options, compile_step, unit_layout  # noqa: E402
+from varjax.record import PRECISIONS, Options, compile_step, make_step, unit_layout  # noqa: E402
 from varjax.var import ATTENTION  # noqa: E402
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
@@ -51,7 +54,7 @@ PEAK_TFLOPS = {
 def _peak(device_kind: str, precision: str) -> float | None:
     for name, peaks in PEAK_TFLOPS.items():
         if name in device_kind:
-            return peaks[precision]
+            return peaks["bf16" if precision == "bf16_full" else precision]
     return None
 
 
@@ -69,6 +72,41 @@ def _synthetic_images(n: int, views: int, size: int, seed: int = 0) -> np.ndarra
         for a in range(views):
             out[i, a] = np.clip(np.roll(img, 7 * a, axis=1) + rng.normal(0, 8, img.shape), 0, 255)
     return out
+
+
+def _dot_conv_flops(jaxpr) -> float:
+    """FLOPs of the matrix products and convolutions in a jaxpr (2 per multiply-add), sub-jaxprs
+    included; what PyTorch's FLOP counter counts, so comparable with shared/perf.md."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+        elif name == "conv_general_dilated":
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+            per_out = math.prod(eqn.invars[1].aval.shape[d] for d in rhs_spec[1:])
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_out
+        subs = [j.jaxpr if hasattr(j, "jaxpr") else j for j in jex_core.jaxprs_in_params(eqn.params)]
+        if name == "cond":
+            total += max((_dot_conv_flops(j) for j in subs), default=0.0)
+        else:
+            times = eqn.params.get("length", 1) if name == "scan" else 1
+            total += times * sum(_dot_conv_flops(j) for j in subs)
+    return total
+
+
+def step_flops(model: Model, views: int, opts: Options, size: int) -> float:
+    """FLOPs of one step, counted on its jaxpr (platform-independent: a GPU's compiled cost
+    analysis leaves out cuBLAS/cuDNN calls). Counted on the spelled-out attention, which every
+    kernel computes."""
+    B = opts.batch_size
+    U = sum(n for *_, n in unit_layout(model))
+    step = make_step(model, views, dataclasses.replace(opts, attention="einsum"))
+    args = (model.params, stats_lib.init_state(1, U), jax.ShapeDtypeStruct((B, views, size, size, 3), jnp.uint8),
+            *(jax.ShapeDtypeStruct((B,), dt) for dt in (jnp.int32, jnp.int32, jnp.int32, jnp.bool_)))
+    return _dot_conv_flops(jax.make_jaxpr(step)(*args).jaxpr)
 
 
 def _versions() -> dict:
@@ -121,7 +159,7 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
     jax.block_until_ready((state, out))
     dt = time.perf_counter() - t0
     ips = B * steps / dt
-    flops = st.flops or 0.0  # counted on the HLO: a GPU's compiled count misses cuBLAS/cuDNN calls
+    flops = step_flops(model, views, opts, size)
     dev = jax.devices()[0]
     mem = dev.memory_stats() or {}
     tflops = flops * steps / dt / 1e12 if flops else None

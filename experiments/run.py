@@ -55,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="highest: float32 (parity); tf32: TF32 matmuls and convolutions; bf16: the "
                          "transformer in bfloat16, tokenizer TF32 (upstream's training setup); "
                          "bf16_full: the tokenizer's encoder in bfloat16 too (README: what each costs)")
-    ap.add_argument("--attention", choices=("einsum", "fused", "cudnn"), default="einsum",
+    ap.add_argument("--attention", choices=("auto", "einsum", "fused", "cudnn"), default="auto",
                     help="attention kernel: spelled-out softmax (parity), jax.nn.dot_product_attention "
-                         "(XLA), or the same through cuDNN's flash kernel (GPU, a bf16 precision)")
+                         "(XLA), or the same through cuDNN's flash kernel (GPU, a bf16 precision); "
+                         "auto: cudnn where it can run, else einsum (all compute the same function)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")
@@ -224,6 +225,9 @@ def run(args) -> Path:
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         print(f"[run] {model_name}: {len(samples)} images ({counts}) x {args.augs} views -> {out}",
               file=sys.stderr)
+    if args.attention == "auto":
+        args.attention = ("cudnn" if args.precision in ("bf16", "bf16_full") and jax.default_backend() == "gpu"
+                          else "einsum")
     opts = Options(batch_size=args.batch_size, precision=args.precision,
                    save_activations=args.save_activations, per_scale=args.per_scale,
                    class_dropout=args.class_dropout, seed=args.seed, attention=args.attention)

@@ -54,3 +54,46 @@ def test_a_bad_variant_is_one_clear_error():
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench.py"), "--variant", "bf16:flash:2"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 2 and "PRECISION:ATTENTION:IMAGES_PER_STEP" in res.stderr
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flop_count_of_products_and_convolutions():
+    import jax
+    import jax.numpy as jnp
+
+    bench = _bench_module()
+
+    def f(a, b, x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        z = jax.lax.cond(a.sum() > 0, lambda: a @ b, lambda: a @ b @ jnp.eye(6))  # the larger branch counts
+        return jnp.tanh(z).sum() + y.sum()
+
+    args = (jnp.ones((4, 5)), jnp.ones((5, 6)), jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 7)))
+    got = bench._dot_conv_flops(jax.make_jaxpr(f)(*args).jaxpr)
+    conv = 2 * (2 * 8 * 8 * 7) * (3 * 3 * 3)
+    assert got == conv + 2 * 4 * 6 * 5 + 2 * 4 * 6 * 6
+
+
+def test_d16_costs_what_upstream_counted():
+    """shared/perf.md: 525 GFLOP per 256 px view (PyTorch's FLOP counter, tokenizer + transformer)."""
+    import dataclasses
+
+    from varjax import config as config_lib
+    from varjax.model import Model, param_shapes
+    from varjax.record import Options
+
+    bench = _bench_module()
+    cfg = config_lib.PRESETS["d16"]()
+    model = Model(cfg, param_shapes(cfg))
+    per_view = bench.step_flops(model, 2, Options(batch_size=1), cfg.resolution) / 2
+    assert abs(per_view / 1e9 - 525) < 1.0, per_view
+    fused = bench.step_flops(model, 2, dataclasses.replace(Options(batch_size=1), attention="fused"), cfg.resolution)
+    assert fused / 2 == per_view  # every kernel is counted on the same algebra

@@ -213,3 +213,42 @@ def test_class_dropout_rate_one_equals_null_labels(tmp_path):
     np.testing.assert_allclose(runs["half"], runs["half_b2"], rtol=MU_RTOL, atol=1e-7)
     assert not np.allclose(runs["half"], runs["none"], rtol=1e-4)
     assert not np.allclose(runs["half"], runs["all"], rtol=1e-4)
+
+
+def test_bf16_full_runs_the_encoder_in_bfloat16_and_nothing_else():
+    import jax.numpy as jnp
+
+    from varjax import config as config_lib
+    from varjax.model import Model, init_params
+    from varjax.record import _precision, tokenizer
+    from varjax.vqvae import VQVAE
+
+    cfg = config_lib.PRESETS["micro"]()
+    model = Model(cfg, init_params(cfg, seed=0))
+    images = np.random.default_rng(0).integers(0, 256, (4, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
+    p = {"params": model.params["vqvae"]}
+    with _precision("highest", "vqvae"):
+        f32 = np.asarray(model.vqvae.apply(p, images, method=VQVAE.encode))
+        assert tokenizer(model, "bf16") is model.vqvae
+        half = tokenizer(model, "bf16_full").apply(p, images, method=VQVAE.encode)
+    assert half.dtype == jnp.float32  # the quantizer still gets float32 latents
+    rel = np.abs(np.asarray(half) - f32).max() / np.abs(f32).max()
+    assert 1e-5 < rel < 5e-2, rel  # bfloat16 rounding: visibly not float32, not garbage
+
+
+@pytest.mark.parametrize("precision,attention,msg", [
+    ("fp8", "einsum", "unknown precision 'fp8'"),
+    ("highest", "cudnn", "only with a bf16 precision"),
+    ("bf16", "cudnn", "needs an NVIDIA GPU"),
+    ("bf16", "flash", "attention 'flash'"),
+])
+def test_bad_precision_or_kernel_is_refused_before_compiling(precision, attention, msg):
+    from varjax import config as config_lib
+    from varjax.model import Model, param_shapes
+    from varjax.record import make_step
+
+    if jax.default_backend() == "gpu" and attention == "cudnn" and precision == "bf16":
+        pytest.skip("a GPU can run cuDNN attention")  # only this case depends on the machine
+    cfg = config_lib.PRESETS["micro"]()
+    with pytest.raises(RecordError, match=msg):
+        make_step(Model(cfg, param_shapes(cfg)), 2, Options(precision=precision, attention=attention))

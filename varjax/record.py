@@ -247,8 +247,6 @@ class CompiledStep:
     state: dict  # replicated on the mesh (donated to each call)
     batch_sharding: NamedSharding  # of images, labels, ids, splits, valid (sharded over devices)
     compile_s: float
-    flops: float | None = None  # per call, counted on the HLO before optimization (no backend
-    # counts the FLOPs of library calls such as cuBLAS/cuDNN in its compiled cost analysis)
 
 
 def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
@@ -270,19 +268,8 @@ def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple
     example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
         jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
     t0 = time.perf_counter()
-    lowered = step.lower(params, dev_state, *example)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    return CompiledStep(compiled, params, dev_state, data, compile_s, _hlo_flops(lowered))
-
-
-def _hlo_flops(lowered) -> float | None:
-    try:
-        cost = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001 - an estimate only; some backends have none
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and cost.get("flops") else None
+    compiled = step.lower(params, dev_state, *example).compile()
+    return CompiledStep(compiled, params, dev_state, data, time.perf_counter() - t0)
 
 
 def _dropout_mask(seed: int, ids, num_views: int, rate: float) -> jnp.ndarray:
