@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from flax.traverse_util import unflatten_dict
 
 from convert.detect import detect_var, detect_vqvae
 from convert.errors import ConvertError
 from convert.load import find_state_dict, load_pth, to_array
-from convert.mapping import IGNORED, Entry, nest, plan
+from convert.mapping import IGNORED, Entry, plan
 from convert.verify import abstract_params, check
 from varjax.checkpoint import CheckpointError, check_target, write_converted
 from varjax.config import PATCH_NUMS_256, ModelConfig, VARConfig, VQVAEConfig
@@ -159,7 +160,7 @@ def _convert(src: Source) -> dict:
     for key, e in src.entries.items():
         array = to_array(src.state_dict.pop(key), key, e.axes, src.mmapped)
         flat[e.path] = _on_host(array)
-    return nest(flat)
+    return unflatten_dict(flat)
 
 
 class _Hasher(threading.Thread):

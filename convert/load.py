@@ -108,7 +108,7 @@ def find_state_dict(obj: object, part: str) -> tuple[dict[str, torch.Tensor], st
     others = set()
     for where, tensors in _candidates(obj):
         sd, prefix = _strip(tensors)
-        found = part_of({k: () for k in sd})
+        found = part_of(sd)
         if found == part:
             return sd, where + (f" (prefix {prefix!r} removed)" if prefix else "")
         if found is not None:

@@ -123,24 +123,3 @@ def plan(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Entry], list[
         entries[key] = e
     return entries, ignored
 
-
-def nest(flat: Mapping[tuple[str, ...], object]) -> dict:
-    """{('a', 'b'): x} -> {'a': {'b': x}}."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
-def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    """{'a': {'b': x}} -> {('a', 'b'): x}."""
-    flat: dict[tuple[str, ...], object] = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from convert.layout import INT_BUFFERS
+from convert.mapping import is_ignored
 
 
 def read_tsv(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -48,7 +49,7 @@ def state_dict(
     for key, shape in shapes.items():
         if key in INT_BUFFERS:
             out[key] = torch.zeros(shape, dtype=torch.int64)
-        elif key.endswith(("zero_k_bias", "attn_bias_for_masking")):
+        elif is_ignored(key):
             out[key] = torch.zeros(shape, dtype=dtype)
         else:
             out[key] = (torch.randn(shape, generator=gen) * 0.02).to(dtype)

@@ -9,34 +9,32 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+from flax.traverse_util import flatten_dict
+
 from convert.errors import ConvertError
-from convert.mapping import Entry, flatten, torch_key
+from convert.mapping import Entry, torch_key
 from varjax.config import ModelConfig
 
 Path_ = tuple[str, ...]
 _SHOW = 1  # keys named per problem; the rest are counted ("(+2 more)")
 
 
-def abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[tuple[int, ...], str]]:
-    """{Flax path: (shape, dtype name)} of the 'var' or 'vqvae' params for this config."""
+def abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[int, ...]]:
+    """{Flax path: shape} of the 'var' or 'vqvae' params for this config (all float32)."""
     return dict(_abstract_params(part, config))
 
 
 @functools.lru_cache(maxsize=8)  # a pure function of the (frozen) config; tracing takes ~1 s
-def _abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[tuple[int, ...], str]]:
+def _abstract_params(part: str, config: ModelConfig) -> dict[Path_, tuple[int, ...]]:
+    from varjax.model import param_shapes
+
     try:
-        tree = _init_shapes(part, config)
+        tree = param_shapes(config)[part]
     except Exception as err:  # noqa: BLE001 -- e.g. a config the Flax module rejects
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise ConvertError(f"cannot build the Flax {part} for the detected config "
                            f"({type(err).__name__}: {first})") from None
-    return {p: (tuple(s.shape), str(s.dtype)) for p, s in flatten(tree["params"]).items()}
-
-
-def _init_shapes(part: str, config: ModelConfig):
-    from varjax.model import param_shapes
-
-    return {"params": param_shapes(config)[part]}
+    return {p: tuple(s.shape) for p, s in flatten_dict(tree).items()}
 
 
 def _some(keys: list[str]) -> str:
@@ -57,14 +55,14 @@ def _torch_shape(e: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 def check(
     entries: Mapping[str, Entry],
     shapes: Mapping[str, tuple[int, ...]],
-    expected: Mapping[Path_, tuple[tuple[int, ...], str]],
+    expected: Mapping[Path_, tuple[int, ...]],
 ) -> None:
     """Raises ConvertError unless the mapped keys fill `expected` exactly, shape for shape.
 
     Args:
       entries: torch key -> Entry (from mapping.plan), the params only.
       shapes: torch key -> torch shape.
-      expected: Flax path -> (shape, dtype), from abstract_params.
+      expected: Flax path -> shape, from abstract_params.
     """
     by_path = {e.path: e for e in entries.values()}
     missing = [torch_key(p) for p in expected if p not in by_path]
@@ -73,7 +71,7 @@ def check(
     for p, e in by_path.items():
         if p in expected:
             got = e.shape(tuple(shapes[e.key]))
-            want = expected[p][0]
+            want = expected[p]
             if got != want:
                 wrong.append(f"{e.key} is {tuple(shapes[e.key])}, expected {_torch_shape(e, want)}")
     problems = []
@@ -85,6 +83,3 @@ def check(
         problems.append(f"shape mismatch: {_some(wrong)}")
     if problems:
         raise ConvertError("; ".join(problems))
-    odd = sorted({dt for _, dt in expected.values()} - {"float32"})
-    if odd:
-        raise ConvertError(f"the Flax model declares {', '.join(odd)} params; the converter writes float32")

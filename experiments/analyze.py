@@ -23,7 +23,6 @@ import functools
 import io
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # run as a script (or imported as `analyze`): fin
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import figures, report  # noqa: E402
 from varjax import unitmem  # noqa: E402
-from varjax.runfiles import atomic_write_bytes  # noqa: E402
+from varjax.runfiles import atomic_write_bytes, stderr_log  # noqa: E402
 
 ImageLoader = Callable[[str], "np.ndarray | None"]
 THUMB = 128  # pixels: grid tiles are ~150 px wide, larger images only cost memory
@@ -269,7 +268,6 @@ def _compute(run_dir: Path, data: RunData, variant: str, q: float, top_k: int, n
     primary = "train" if "train" in data.stats else next(iter(data.stats))
     rows = np.flatnonzero(data.split == primary)
     ids, layout = data.ids[rows], data.layout
-    row_of = {int(i): r for r, i in enumerate(data.ids)}
 
     def um_of(v: str, st: unitmem.UnitStats, sel: np.ndarray) -> np.ndarray:
         if v == "mean":
@@ -279,7 +277,8 @@ def _compute(run_dir: Path, data: RunData, variant: str, q: float, top_k: int, n
     say(f"D' ({primary}): {len(ids)} samples x {len(layout.block)} units, {variant} variant")
     st = data.stats[primary]
     main = _dataset(st, um_of(variant, st, rows), ids, layout, q)
-    label_of_unit = data.label[[row_of[int(a)] for a in st.argmax]]
+    argmax_row = unitmem.sample_positions(data.ids, st.argmax)  # (U,) row of each unit's argmax
+    label_of_unit = data.label[argmax_row]
     fc1 = layout.site_index("fc1")
     extra = {
         "fc1": fc1,
@@ -315,13 +314,13 @@ def _compute(run_dir: Path, data: RunData, variant: str, q: float, top_k: int, n
         d_all["comparison_u10"] = unitmem.split_comparison(d_all["nmu"], is_train, n_permutations, seed)
     return report.Context(run_dir=run_dir, variant=variant, q=q, top_k=top_k, primary=primary,
                           stats_source=data.stats_source, data=data, main=main, extra=extra, d_all=d_all,
-                          figures={}, row_of=row_of, rows=rows)
+                          figures={}, argmax_row=argmax_row, rows=rows)
 
 
 def _draw_figures(ctx: report.Context, load: ImageLoader) -> dict[str, str]:
     """Draws and saves every figure under run_dir/figures; returns name -> relative path."""
     data, main, extra, rows, top_k = ctx.data, ctx.main, ctx.extra, ctx.rows, ctx.top_k
-    layout, ids, st = data.layout, data.ids[rows], data.stats[ctx.primary]
+    layout, ids = data.layout, data.ids[rows]
     fig_dir = ctx.run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     paths: dict[str, str] = {}
@@ -349,7 +348,7 @@ def _draw_figures(ctx: report.Context, load: ImageLoader) -> dict[str, str]:
     for b, units in extra["top_units"].items():
         row_labels.append(f"block {b}")
         for u in units:
-            r = ctx.row_of[int(st.argmax[u])]
+            r = ctx.argmax_row[u]
             tiles.append(figures.Tile(_tile_image(load, data.source[r]),
                                       f"UM {main['um'][u]:.3f}\nid {data.ids[r]} c{data.label[r]}",
                                       f"id {data.ids[r]}\nclass {data.label[r]}"))
@@ -401,7 +400,12 @@ def analyze(run_dir: Path, load_image: ImageLoader | None = None, variant: str =
         raise AnalysisError("the median variant needs activations.npy (the full matrix)")
     for stale in ("report.md", "summary.json"):
         (run_dir / stale).unlink(missing_ok=True)
+    from experiments.planted import analyze_planted  # here: planted.py builds on this module
+
+    # a planted run's canary tests (planted.json), with this analysis's settings; None otherwise
+    planted = analyze_planted(run_dir, q=q, n_permutations=n_permutations, seed=seed, log=say, data=data)
     ctx = _compute(run_dir, data, variant, q, top_k, n_permutations, seed, say)
+    ctx.planted = planted
     say("figures")
     ctx.figures = _draw_figures(ctx, load_image or functools.partial(default_load_image, base=run_dir))
     say("report")
@@ -422,10 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--permutations", type=int, default=10_000, help="train/val permutation test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation test")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr)
+    log = stderr_log()
 
     try:
         summary = analyze(args.run_dir, variant=args.variant, q=args.quantile, top_k=args.top_k,

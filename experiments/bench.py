@@ -102,9 +102,8 @@ def step_flops(model: Model, views: int, opts: Options, size: int) -> float:
     analysis leaves out cuBLAS/cuDNN calls). Counted on the spelled-out attention, which every
     kernel computes."""
     B = opts.batch_size
-    U = sum(n for *_, n in unit_layout(model))
     step = make_step(model, views, dataclasses.replace(opts, attention="einsum"))
-    args = (model.params, stats_lib.init_state(1, U), jax.ShapeDtypeStruct((B, views, size, size, 3), jnp.uint8),
+    args = (model.params, _empty_state(model), jax.ShapeDtypeStruct((B, views, size, size, 3), jnp.uint8),
             *(jax.ShapeDtypeStruct((B,), dt) for dt in (jnp.int32, jnp.int32, jnp.int32, jnp.bool_)))
     return _dot_conv_flops(jax.make_jaxpr(step)(*args).jaxpr)
 
@@ -116,10 +115,8 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def _compiled_step(model: Model, views: int, opts: Options, size: int):
-    U = sum(n for *_, n in unit_layout(model))
-    st = compile_step(model, views, opts, (size, size), stats_lib.init_state(1, U))
-    return st
+def _empty_state(model: Model) -> dict:
+    return stats_lib.init_state(1, sum(n for *_, n in unit_layout(model)))
 
 
 def _compiled_mem_gib(compiled) -> float | None:
@@ -145,7 +142,7 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
     """
     opts = Options(batch_size=images_per_step, precision=precision, attention=attention,
                    save_activations=True)
-    st = _compiled_step(model, views, opts, size)
+    st = compile_step(model, views, opts, (size, size), _empty_state(model))
     compiled, params, state, data, compile_s = st.fn, st.params, st.state, st.batch_sharding, st.compile_s
     B = images_per_step
     imgs = jax.device_put(_synthetic_images(B, views, size), data)
@@ -214,13 +211,11 @@ def tokenizer_one(model: Model, precision: str, images: np.ndarray, steps: int):
     return row, tokens
 
 
-def precision_cost(ref: tuple, label: str, got: tuple, n_images: int, views: int) -> dict:
-    """One setting vs `highest` on the same images: ref and got are (mu (N, U), tokens (M, L) or
-    None); `label` is the precision, with "/kernel" where attention is not the spelled-out one."""
+def precision_cost(ref: tuple, got: tuple, precision: str, attention: str, n_images: int, views: int) -> dict:
+    """One setting vs `highest` on the same images: ref and got are (mu (N, U), tokens (M, L) or None)."""
     from scipy.stats import spearmanr
 
     (mu_ref, tok_ref), (mu, tok) = ref, got
-    precision, _, attention = label.partition("/")
     ids = np.arange(n_images)
     st_ref, st = unitmem.stats_from_matrix(mu_ref, ids), unitmem.stats_from_matrix(mu, ids)
     um_ref, um = unitmem.unitmem_mean(st_ref), unitmem.unitmem_mean(st)
@@ -231,7 +226,7 @@ def precision_cost(ref: tuple, label: str, got: tuple, n_images: int, views: int
         same_tokens = float(np.mean(tok[:m] == tok_ref[:m]))
     rel = np.abs(mu - mu_ref) / np.maximum(np.abs(mu_ref), 1e-6)
     return {
-        "what": "precision_cost", "precision": precision, "attention": attention or "einsum",
+        "what": "precision_cost", "precision": precision, "attention": attention,
         "vs": "highest", "images": n_images, "views": views, "identical_tokens": same_tokens,
         "mu_max_rel_err": float(rel.max()),
         # the max is set by near-silent units; the 99th percentile says what most units see
@@ -308,13 +303,12 @@ def main(argv=None) -> int:
     else:
         cfg = config_lib.PRESETS[args.config]()
         model = Model(cfg, init_params(cfg, seed=0))
-    tokens_by_precision = {}
     cost_imgs = _synthetic_images(args.images, args.views, cfg.resolution, seed=1) if args.precision_cost else None
-    results, timed, reported = {}, set(), set()
+    tokens = {}  # precision -> tokens of the tokenizer-alone run
+    results, reported = {}, set()  # (precision, attention) -> (mu, tokens); cost rows printed
     failed = 0
     for precision, attention, b in variants:
-        label = precision if attention == "einsum" else f"{precision}/{attention}"
-        first = label not in results
+        first = args.precision_cost and (precision, attention) not in results
         try:
             row, mu = bench_one(model, precision, b, args.views, args.steps, cfg.resolution, attention,
                                 cost_imgs if first else None)
@@ -326,20 +320,19 @@ def main(argv=None) -> int:
                   flush=True)
             continue
         print(json.dumps({"config": args.config, **row}), flush=True)
-        if precision not in timed and precision not in (args.skip_tokenizer or ()):
+        if precision not in tokens and precision not in (args.skip_tokenizer or ()):
             # the tokenizer alone on one step's views: its speed, and tokens for the cost table
-            timed.add(precision)
             src = cost_imgs if cost_imgs is not None else _synthetic_images(b, args.views, cfg.resolution)
-            trow, tokens_by_precision[precision] = tokenizer_one(model, precision, src[:b], args.steps)
+            trow, tokens[precision] = tokenizer_one(model, precision, src[:b], args.steps)
             print(json.dumps({"config": args.config, **trow}), flush=True)
-        if first and args.precision_cost:
-            results[label] = (mu, tokens_by_precision.get(precision))
+        if first:
+            results[(precision, attention)] = (mu, tokens.get(precision))
             # each row as soon as it and highest are in (a run cut short keeps what it has)
-            if "highest" in results:
-                for lab in [lab for lab in results if lab not in reported]:
-                    reported.add(lab)
-                    cost_row = precision_cost(results["highest"], lab, results[lab], args.images, args.views)
-                    print(json.dumps({"config": args.config, **cost_row}), flush=True)
+            ref = results.get(("highest", "einsum"))
+            for key in [k for k in results if ref is not None and k not in reported]:
+                reported.add(key)
+                cost_row = precision_cost(ref, results[key], *key, args.images, args.views)
+                print(json.dumps({"config": args.config, **cost_row}), flush=True)
     return 1 if failed else 0
 
 

@@ -37,52 +37,44 @@ def _depth_axis(ax, blocks: np.ndarray) -> None:
     ax.grid(alpha=0.3)
 
 
+def _per_block_lines(table: dict, key: str, ylabel: str, title: str, total=None) -> tuple[Figure, object]:
+    """One line over depth per layer type (`table[key]`, (blocks, sites)); `total` is
+    (values, style, label) for a black line over them all, or None."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for s, site in enumerate(table["sites"]):
+        ax.plot(table["blocks"], table[key][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    if total is not None:
+        values, style, label = total
+        ax.plot(table["blocks"], values, style, ms=3, color="black", label=label)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _depth_axis(ax, table["blocks"])
+    ax.legend(fontsize=8)
+    return fig, ax
+
+
 def u10_per_block(table: dict, title: str = "U10 units per block") -> Figure:
     """Item 1: U10 count per block for each layer type and in total (line over depth).
 
     Args:
       table: `unitmem.block_site_table` output (uses blocks, sites, u10 (B,S), block_u10 (B,)).
     """
-    fig = _figure()
-    ax = fig.add_subplot()
-    for s, site in enumerate(table["sites"]):
-        ax.plot(table["blocks"], table["u10"][:, s], "o-", ms=3, color=_color(site, s), label=site)
-    ax.plot(table["blocks"], table["block_u10"], "s-", ms=3, color="black", label="total")
-    ax.set_ylabel("units in U10")
+    fig, ax = _per_block_lines(table, "u10", "units in U10", title, (table["block_u10"], "s-", "total"))
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(title)
-    _depth_axis(ax, table["blocks"])
-    ax.legend(fontsize=8)
     return fig
 
 
 def mean_unitmem_per_block(table: dict, title: str = "Mean UnitMem per block") -> Figure:
     """Item 2: mean UnitMem per block and layer type; the block line weights fc1 x4."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for s, site in enumerate(table["sites"]):
-        ax.plot(table["blocks"], table["mean"][:, s], "o-", ms=3, color=_color(site, s), label=site)
-    ax.plot(table["blocks"], table["block_mean"], "s--", ms=3, color="black",
-            label="block (all units; fc1 weighs x4)")
-    ax.set_ylabel("mean UnitMem")
-    ax.set_title(title)
-    _depth_axis(ax, table["blocks"])
-    ax.legend(fontsize=8)
-    return fig
+    return _per_block_lines(table, "mean", "mean UnitMem", title,
+                            (table["block_mean"], "s--", "block (all units; fc1 weighs x4)"))[0]
 
 
 def max_unitmem_per_block(table: dict, title: str = "Max UnitMem per block") -> Figure:
     """Item 5: max UnitMem per block and layer type over depth."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for s, site in enumerate(table["sites"]):
-        ax.plot(table["blocks"], table["max"][:, s], "o-", ms=3, color=_color(site, s), label=site)
-    ax.set_ylabel("max UnitMem")
-    ax.set_title(title)
-    _depth_axis(ax, table["blocks"])
-    ax.legend(fontsize=8)
-    return fig
+    return _per_block_lines(table, "max", "max UnitMem", title)[0]
 
 
 def _annotated_bars(ax, names, values, colors, fmt: str) -> None:

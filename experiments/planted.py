@@ -15,8 +15,9 @@ each metric against the number of training copies (held-out 0, singleton 1, cana
 and where the canaries rank by NumMemUnits. Metrics come from `varjax.unitmem`; this file
 only groups and tests.
 
-Writes `planted.json` and `figures/planted_separation.png` atomically; experiments/report.py
-adds a "Planted memorization" section when planted.json is present.
+Writes `planted.json` and `figures/planted_separation.png` atomically. experiments/analyze.py
+runs this on every planted run with its own settings, and its report has a "Planted
+memorization" section.
 
     python experiments/planted.py RUN_DIR [--checkpoint DIR]           # a recorded run
     python experiments/planted.py RUN_DIR --record [--checkpoint DIR]  # record it first
@@ -26,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -38,12 +37,12 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import report  # noqa: E402
-from experiments.analyze import AnalysisError, load_run  # noqa: E402
+from experiments.analyze import AnalysisError, _save_figure, load_run  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.checkpoint import CheckpointError  # noqa: E402
 from varjax.data.planted import default_checkpoint, parse_role  # noqa: E402
 from varjax.record import RecordError  # noqa: E402
-from varjax.runfiles import atomic_write_bytes, atomic_write_text  # noqa: E402
+from varjax.runfiles import atomic_write_text, stderr_log  # noqa: E402
 
 OUTPUT = "planted.json"
 FIGURE = "figures/planted_separation.png"
@@ -103,16 +102,6 @@ def _found_in_top(values: np.ndarray, hit: np.ndarray, k: int) -> float:
     return float(np.sum(hit & above) + share * np.sum(hit & at))
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> dict:
-    from scipy import stats as sps
-
-    ok = np.isfinite(y)
-    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return {"rho": None, "p_value": None, "n": int(ok.sum())}
-    r = sps.spearmanr(x[ok], y[ok])
-    return {"rho": float(r.statistic), "p_value": float(r.pvalue), "n": int(ok.sum())}
-
-
 def _training_info(run_dir: Path, run_info: dict | None, checkpoint: Path | None) -> dict | None:
     """planted.json of the model's checkpoint: --checkpoint, run.json's, or the shipped one."""
     candidates = [(checkpoint, "argument")] if checkpoint is not None else []
@@ -135,7 +124,7 @@ def _training_info(run_dir: Path, run_info: dict | None, checkpoint: Path | None
 
 def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90.0,
                     n_permutations: int = 10_000, seed: int = 0,
-                    log: Callable[[str], None] | None = None) -> dict | None:
+                    log: Callable[[str], None] | None = None, data=None) -> dict | None:
     """Compares canaries, singletons and held-out images of a planted run; writes planted.json.
 
     Args:
@@ -146,6 +135,7 @@ def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90
       n_permutations: permutations per permutation test (0 skips them).
       seed: seed of the permutation tests.
       log: optional progress callback.
+      data: the run's files as `analyze.load_run` reads them, if the caller has them already.
 
     Returns:
       The planted.json content, or None when samples.csv names no planted image.
@@ -156,7 +146,7 @@ def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90
     say = log or (lambda msg: None)
     if not is_planted(run_dir):
         return None
-    data = load_run(run_dir)
+    data = load_run(run_dir) if data is None else data
     roles = [parse_role(s) for s in data.source]
     bad = [s for s, r in zip(data.source, roles) if r is None]
     if bad:
@@ -209,7 +199,9 @@ def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90
     tests["unitmem_of_singled_out"] = {f"{a} vs {b}": _test(um[unit_kind == a], um[unit_kind == b],
                                                             n_permutations, seed) for a, b in PAIRS}
     copies = dup.astype(np.float64)
-    dose = {key: {"all": _spearman(copies, metric[key]), "members": _spearman(copies[members], metric[key][members])}
+    # Spearman of each metric with the copies (samples where the metric is NaN dropped)
+    dose = {key: {"all": unitmem.loss_correlation(metric[key], copies),
+                  "members": unitmem.loss_correlation(metric[key][members], copies[members])}
             for key, _, _ in METRICS}
 
     # Where the canaries rank among all samples by NumMemUnits (ties: ascending sample id).
@@ -240,8 +232,9 @@ def analyze_planted(run_dir: Path, checkpoint: Path | None = None, q: float = 90
     say("planted: figure")
     (run_dir / "figures").mkdir(exist_ok=True)
     _save_figure(_figure(names, group, metric, um, unit_group, thr), run_dir / FIGURE)
-    atomic_write_text(run_dir / OUTPUT, report.to_json(out))
-    return json.loads(report.to_json(out))  # what the file says (numpy -> Python, NaN -> None)
+    text = report.to_json(out)
+    atomic_write_text(run_dir / OUTPUT, text)
+    return json.loads(text)  # what the file says (numpy -> Python, NaN -> None)
 
 
 def record_planted(checkpoint: Path, run_dir: Path, views: int = 8, seed: int = 0, batch_size: int = 16) -> None:
@@ -291,12 +284,6 @@ def _figure(names, group, metric, um, unit_group, thr):
     return fig
 
 
-def _save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Canaries vs singletons vs held-out in a planted run.")
     parser.add_argument("run_dir", type=Path, help="run directory recorded on --data planted")
@@ -308,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--permutations", type=int, default=10_000, help="per permutation test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation tests")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr)
+    log = stderr_log()
 
     try:
         if args.record:

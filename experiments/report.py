@@ -50,8 +50,9 @@ class Context:
     extra: dict
     d_all: dict | None
     figures: dict[str, str]
-    row_of: dict[int, int]
+    argmax_row: np.ndarray  # (U,) data row of each unit's argmax sample on the primary split
     rows: np.ndarray
+    planted: dict | None = None  # experiments/planted.py's result on a planted run
 
 
 def _top_key(fraction: float) -> str:
@@ -93,7 +94,7 @@ def build_summary(ctx: Context) -> dict:
         for r, p in enumerate(rank_samples(main["nmu"], ids)[:20])]
     st = d.stats[ctx.primary]
     out["top_units"] = {str(b): [{"unit": u, "site": lay.sites[lay.site[u]], "unitmem": main["um"][u],
-                                  "argmax": st.argmax[u], "label": d.label[ctx.row_of[int(st.argmax[u])]]}
+                                  "argmax": st.argmax[u], "label": d.label[ctx.argmax_row[u]]}
                                  for u in units] for b, units in extra["top_units"].items()}
     div = {"k": ctx.top_k}
     for key, name in (("diversity_site", "site"), ("diversity_all", "all_sites")):
@@ -332,16 +333,12 @@ def _beyond_section(ctx: Context, s: dict) -> list[str]:
     return [*lines, "### UnitMem distribution", ""] + _fig(ctx, "extra_unitmem_histogram", "UnitMem histogram")
 
 
-# -- Planted memorization (experiments/planted.py writes planted.json before the analysis) --
+# -- Planted memorization (experiments/planted.py's result, computed by analyze.py) --
 def _planted_section(ctx: Context) -> list[str]:
-    """What was planted and the measured separation, when the run dir holds planted.json."""
-    path = Path(ctx.run_dir) / "planted.json"
-    if not path.is_file():
+    """What was planted and the measured separation, on a planted run."""
+    p = ctx.planted
+    if p is None:
         return []
-    try:
-        p = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return ["## Planted memorization", "", f"planted.json is unreadable ({e}).", ""]
     lines = ["## Planted memorization", ""]
     m = p.get("model") or {}
     d, t = m.get("data") or {}, m.get("training") or {}

@@ -94,12 +94,10 @@ class RunError(Exception):
 
 
 def _planted_checkpoint() -> Path | None:
-    try:
-        from varjax.data.planted import default_checkpoint
-    except ImportError:
-        return None
+    from varjax.data.planted import default_checkpoint
+
     path = default_checkpoint()
-    return path if path is not None and Path(path).exists() else None
+    return path if path.exists() else None
 
 
 def _load_model(args):
@@ -176,12 +174,6 @@ def _versions() -> dict:
 def _analyze(run_dir: Path, args, load_image) -> dict:
     from experiments import analyze
 
-    try:
-        from experiments.planted import analyze_planted
-    except ImportError:
-        analyze_planted = None
-    if analyze_planted is not None:
-        analyze_planted(run_dir)
     return analyze.analyze(run_dir, load_image=load_image, variant=args.variant,
                            log=lambda m: print(f"[analyze] {m}", file=sys.stderr))
 

@@ -62,7 +62,7 @@ from varjax.data import AugmentConfig, select  # noqa: E402
 from varjax.data.augment import center_offsets, decode_rgb, resize_shorter  # noqa: E402
 from varjax.data.planted import PlantedSource, default_checkpoint, parse_role, training_list  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
-from varjax.runfiles import atomic_path, atomic_write_text  # noqa: E402
+from varjax.runfiles import atomic_path, atomic_write_text, stderr_log  # noqa: E402
 from varjax.taps import NO_TAPS  # noqa: E402
 from varjax.var import VAR  # noqa: E402
 
@@ -374,10 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.force:
         print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log()
 
     cfg, params, result = train(tc, log)
     command = "python experiments/train_planted.py " + " ".join(

@@ -327,6 +327,50 @@ def test_force_replaces_only_when_done(tmp_path):
     assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
 
 
+def test_out_that_is_a_file_is_named_as_such(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("keep me")
+    for force in (False, True):  # not "pass --force" first, then another error with it
+        with pytest.raises(ConvertError) as err:
+            convert_checkpoints(TINY, None, out, force=force, log=None)
+        assert str(err.value) == f"{out} exists and is not a directory; not replacing it"
+    assert out.read_text() == "keep me"
+
+
+def test_out_under_a_file_fails_before_converting(tmp_path):
+    blocker = tmp_path / "somefile"
+    blocker.write_text("keep me")
+    lines: list[str] = []
+    with pytest.raises(ConvertError) as err:
+        convert_checkpoints(TINY, VAE, blocker / "x", log=lines.append)
+    assert str(err.value) == f"cannot write {blocker / 'x'}: {blocker} is not a directory"
+    assert lines == []  # refused before reading any input
+    r = run_cli("--var", TINY, "--out", blocker / "a" / "b")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "reading" not in r.stdout
+    message = f"cannot write {blocker / 'a' / 'b'}: {blocker} is not a directory"
+    assert r.stderr.splitlines() == [f"convert: error: {message}"]
+    assert blocker.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["somefile"]
+
+
+def test_failed_replace_restores_the_old_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert_checkpoints(TINY, None, out, log=None)
+    rename = os.rename
+
+    def full_disk(src, dst):
+        if ".partial-" in Path(src).name:  # the new checkpoint onto `out`, the old one moved aside
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", full_disk)
+    with pytest.raises(ConvertError, match="No space left on device"):
+        convert_checkpoints(None, VAE, out, force=True, log=None)
+    monkeypatch.undo()
+    assert load_converted(out)[0].var is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 # --- the command line --------------------------------------------------------------------
 def test_cli_converts_and_reports(tmp_path):
     r = run_cli("--var", TINY, "--vae", VAE, "--out", tmp_path / "out")

@@ -252,3 +252,12 @@ def test_bad_precision_or_kernel_is_refused_before_compiling(precision, attentio
     cfg = config_lib.PRESETS["micro"]()
     with pytest.raises(RecordError, match=msg):
         make_step(Model(cfg, param_shapes(cfg)), 2, Options(precision=precision, attention=attention))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a GPU can run cuDNN attention")
+def test_settings_this_machine_cannot_run_leave_nothing_behind(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RecordError, match="needs an NVIDIA GPU"):
+        record(rw.model(), rw.plan(), out, 2, Options(batch_size=4, precision="bf16", attention="cudnn",
+                                                        save_activations=True), image_shape=(64, 64))
+    assert not out.exists()

@@ -91,21 +91,34 @@ def check_target(directory: str | os.PathLike, force: bool) -> None:
     """Raises CheckpointError unless `directory` may be written (or replaced, with force).
 
     Even with force, only an earlier converted checkpoint or an empty directory is replaced:
-    a mistyped --out never deletes anything else.
+    a mistyped --out never deletes anything else. The nearest existing ancestor of
+    `directory`'s parent must be a writable directory (the output is made beside it).
     """
     d = Path(directory)
+    _check_parent(d)
     if not d.exists() and not d.is_symlink():
         return
-    if not force:
-        raise CheckpointError(f"{d} exists; pass --force to replace it")
     if not d.is_dir() or d.is_symlink():
         raise CheckpointError(f"{d} exists and is not a directory; not replacing it")
+    if not force:
+        raise CheckpointError(f"{d} exists; pass --force to replace it")
     try:
         ours = json.loads((d / MANIFEST).read_text()).get("format", "").startswith("varjax.converted/")
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours and any(d.iterdir()):
         raise CheckpointError(f"{d} is not a converted checkpoint; not replacing it, even with --force")
+
+
+def _check_parent(d: Path) -> None:
+    """Raises CheckpointError unless the nearest existing ancestor of `d` is a writable directory."""
+    p = d.absolute().parent
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise CheckpointError(f"cannot write {d}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {d}: {p} is not writable")
 
 
 def write_converted(
@@ -144,7 +157,15 @@ def write_converted(
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except BaseException:  # put the previous checkpoint back before giving up
+                try:
+                    os.rename(old, out)
+                except OSError:
+                    raise CheckpointError(
+                        f"{out}: replacing it failed; the previous checkpoint is at {old}") from None
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)

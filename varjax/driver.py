@@ -30,8 +30,8 @@ from jax.experimental import multihost_utils
 
 from varjax import stats as stats_lib
 from varjax.model import Model
-from varjax.record import PRECISIONS, Options, Plan, RecordError, compile_step, unit_layout
-from varjax.runfiles import atomic_save_npz, atomic_write_text, write_csv, write_units_csv
+from varjax.record import Options, check_backend, Plan, RecordError, compile_step, unit_layout
+from varjax.runfiles import SKIPPED_COLUMNS, atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
 PROGRESS = "progress.npz"
 DONE = "record.json"
@@ -100,9 +100,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
       image_shape: (H, W) of the views (default: the model's resolution).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if opts.precision not in PRECISIONS:
-        raise RecordError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_backend(opts)
     fp = _fingerprint(model, plan, num_views, opts)
     main = jax.process_index() == 0
     done_file = out / DONE
@@ -144,6 +142,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     row_of = {int(i): r for r, i in enumerate(plan.ids)}
     acts = per_sample = None
     if main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: bad settings above leave nothing behind
         acts = _open_rows(out / "activations.npy", (N, U), position) if opts.save_activations else None
         per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * K), position)
 
@@ -179,9 +178,9 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
             acts[r] = got["mu"][valid]
 
     def save_progress(pos: int) -> None:
-        host_state = stats_lib.to_host(dev_state)
         if not main:
             return
+        host_state = stats_lib.to_host(dev_state)
         for mm in (acts, per_sample):
             if mm is not None:
                 mm.flush()
@@ -239,8 +238,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
             if host_state["count"][s] > 0:
                 atomic_save_npz(out / f"stats_{name}.npz", **stats_lib.split_arrays(host_state, s))
         _write_per_sample(out, plan, per_sample, K, {r for r, _ in skipped})
-        # Same columns as varjax.data.write_skipped_csv.
-        write_csv(out / "skipped.csv", ("sample", "source", "reason"),
+        write_csv(out / "skipped.csv", SKIPPED_COLUMNS,
                   [(int(plan.ids[r]), plan.sources[r] if plan.sources else f"row {r}", why)
                    for r, why in sorted(skipped)])
         if acts is not None:

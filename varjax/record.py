@@ -150,6 +150,15 @@ class Options:
     # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
     attention: str = "einsum"
 
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise RecordError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTION:
+            raise RecordError(f"attention {self.attention!r}: expected one of {', '.join(ATTENTION)}")
+        if self.attention == "cudnn" and self.precision not in BF16_MODES:
+            raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
+                              f"takes bf16/fp16), not {self.precision!r}")
+
 
 def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
     """[(site name, block, site kind, units)] in unit-column order (docs/design.md)."""
@@ -173,6 +182,12 @@ def _precision(mode: str, part: str):
         yield
 
 
+def check_backend(opts: Options) -> None:
+    """Raises RecordError if `opts` cannot run on this machine's backend (Options checks the rest)."""
+    if opts.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
+
+
 def tokenizer(model: Model, precision: str):
     """The VQVAE module that tokenizes in `precision` (run it under `_precision(precision, "vqvae")`)."""
     return model.vqvae.clone(encoder_dtype=jnp.bfloat16) if precision == "bf16_full" else model.vqvae
@@ -180,15 +195,7 @@ def tokenizer(model: Model, precision: str):
 
 def make_step(model: Model, num_views: int, opts: Options):
     """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
-    if opts.attention not in ATTENTION:
-        raise RecordError(f"attention {opts.attention!r}: expected one of {', '.join(ATTENTION)}")
-    if opts.precision not in PRECISIONS:
-        raise RecordError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if opts.attention == "cudnn" and opts.precision not in BF16_MODES:
-        raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
-                          f"takes bf16/fp16), not {opts.precision!r}")
-    if opts.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
+    check_backend(opts)
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)

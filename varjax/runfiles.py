@@ -11,11 +11,17 @@ import contextlib
 import csv
 import io
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+
+# skipped.csv: one row per image that could not be read (docs/design.md)
+SKIPPED_COLUMNS = ("sample", "source", "reason")
 
 
 @contextlib.contextmanager
@@ -70,3 +76,13 @@ def write_units_csv(path: Path | str, layout: Sequence[tuple[str, int, str, int]
             rows.append((u, block, site, i))
             u += 1
     write_csv(path, ("unit", "block", "site", "index"), rows)
+
+
+def stderr_log():
+    """A `log(msg)` that prints msg to stderr behind the seconds since this call."""
+    start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log

@@ -133,4 +133,4 @@ def split_arrays(state: Mapping[str, np.ndarray], s: int) -> dict[str, np.ndarra
 
 
 def to_host(state: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(jax.device_get(v)) for k, v in state.items()}
+    return jax.device_get(dict(state))

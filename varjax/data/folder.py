@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from varjax.data.classes import NUM_IMAGENET_CLASSES, WNID_PATTERN, wnid_to_label
 from varjax.data.errors import DataError
-from varjax.data.source import SPLITS, ImageRef, ImageSource, Locator
+from varjax.data.source import SPLITS, ImageRef, ImageSource, Locator, check_splits
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ class FolderSource(ImageSource):
         root = os.path.expanduser(root)
         if not os.path.isdir(root):
             raise DataError(f"data path {root} is not a folder")
-        if flat_split not in SPLITS:
-            raise DataError(f"unknown split '{flat_split}' (expected one of: {', '.join(SPLITS)})")
+        check_splits([flat_split])
         self.name = self.root = root
         self.split_dirs: dict[str, str] = {}
         for split in SPLITS:

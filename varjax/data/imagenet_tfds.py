@@ -24,6 +24,7 @@ import numpy as np
 
 from varjax.data.errors import DataError
 from varjax.data.source import ImageRef, ImageSource, Locator
+from varjax.runfiles import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +161,13 @@ def _write_index(path: str, ds: Sequence[dict[str, Any]], what: str) -> None:
     n, start = len(ds), time.monotonic()
     log.info("indexing %s: reading %d records once (cached in %s)", what, n, path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    getitems = getattr(ds, "__getitems__", None)
+    # atomic, and an interrupted scan leaves no temporary file behind
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["record", "label", "file_name"])
         for lo in range(0, n, _SCAN_CHUNK):
             keys = list(range(lo, min(lo + _SCAN_CHUNK, n)))
-            getitems = getattr(ds, "__getitems__", None)
             examples = getitems(keys) if getitems else [ds[k] for k in keys]
             for key, ex in zip(keys, examples):
                 name = ex.get("file_name")
@@ -176,7 +177,6 @@ def _write_index(path: str, ds: Sequence[dict[str, Any]], what: str) -> None:
                 done, secs = lo + len(keys), time.monotonic() - start
                 log.info("indexing %s: %d/%d records, %.0f/s, ETA %.0f s", what, done, n,
                          done / secs, (n - done) * secs / done)
-    os.replace(tmp, path)  # atomic: a crash never leaves a truncated index behind
 
 
 def _text(value: Any) -> str:
