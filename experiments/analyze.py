@@ -189,6 +189,14 @@ def load_run(run_dir: Path) -> RunData:
                 infos[name] = json.loads((run_dir / name).read_text())
             except json.JSONDecodeError as e:
                 raise AnalysisError(f"{name} is not valid JSON: {e}") from None
+    if infos["record.json"] is not None:
+        from varjax.driver import check_sites
+        from varjax.record import RecordError
+
+        try:
+            check_sites(infos["record.json"].get("fingerprint", {}), run_dir)
+        except RecordError as e:
+            raise AnalysisError(str(e)) from None
     return RunData(layout, ids, split, label, [r["source"] for r in rows], stats, scale_stats, acts,
                    acts_rows, loss, infos["run.json"], infos["record.json"], n_all - len(acts_rows), source)
 

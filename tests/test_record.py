@@ -166,6 +166,26 @@ def test_other_settings_in_same_dir_fail_clearly(reference_run):
                image_shape=(64, 64))
 
 
+def test_unfinished_run_with_other_site_definitions_is_not_resumed(tmp_path):
+    """A progress checkpoint written under other site definitions (or none: before the
+    attn.proj fix) is refused by name, not resumed and not overwritten."""
+    import json
+
+    from varjax.driver import PROGRESS, _fingerprint
+
+    model, plan, opts = rw.model(), rw.plan(), Options(batch_size=4)
+    for sites, msg in ((None, "before 2026-12-01"), ({"attn.proj": "proj(x) * gamma1"}, "attn.proj")):
+        fp = {**_fingerprint(model, plan, rw.NUM_VIEWS, opts), "processes": 1}
+        fp.pop("sites") if sites is None else fp.update(sites=sites)
+        out = tmp_path / str(msg[:6])
+        out.mkdir()
+        np.savez(out / PROGRESS, fingerprint=np.array(json.dumps(fp)), position=np.array(4))
+        before = (out / PROGRESS).read_bytes()
+        with pytest.raises(RecordError, match=msg):
+            record(model, plan, out, rw.NUM_VIEWS, opts, image_shape=(64, 64))
+        assert (out / PROGRESS).read_bytes() == before and sorted(p.name for p in out.iterdir()) == [PROGRESS]
+
+
 def test_bad_batch_size_and_precision(tmp_path):
     with pytest.raises(RecordError, match="precision"):
         record(rw.model(), rw.plan(), tmp_path, 2, Options(precision="fp8"), image_shape=(64, 64))

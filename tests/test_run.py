@@ -93,3 +93,25 @@ def test_bad_flag_value_exits_nonzero(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--augs", "0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def _as_recorded_before_the_site_fix(src: Path, dst: Path) -> None:
+    """A copy of a run whose record.json is as the recording pass wrote it before 2026-12-01
+    (no site definitions: attn.proj was proj(x) * gamma1)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "record.json").read_text())
+    del info["fingerprint"]["sites"]
+    (dst / "record.json").write_text(json.dumps(info))
+    (dst / "report.md").unlink()
+
+
+def test_run_recorded_with_the_old_attn_proj_is_refused(demo_run, tmp_path, capsys):
+    old = tmp_path / "old"
+    _as_recorded_before_the_site_fix(demo_run, old)
+    for argv in (["--out", str(old), "--augs", "2"], ["--reanalyze", str(old)]):
+        assert run.main(argv) == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("run: error:")]
+        assert len(err) == 1 and "before 2026-12-01" in err[0] and "record it again" in err[0], err
+        assert not (old / "report.md").exists()

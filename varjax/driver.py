@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from varjax import stats as stats_lib
 from varjax.model import Model
 from varjax.record import Options, check_backend, Plan, RecordError, compile_step, unit_layout
+from varjax.taps import SITE_DEFINITIONS, UNIT_SITES
 from varjax.runfiles import SKIPPED_COLUMNS, atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
 PROGRESS = "progress.npz"
@@ -53,7 +54,30 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
+        "sites": recorded_sites(),
     }
+
+
+def recorded_sites() -> dict[str, str]:
+    """What each recorded site means (`varjax.taps.SITE_DEFINITIONS`), as a run stores it."""
+    return {s: SITE_DEFINITIONS[s] for s in UNIT_SITES}
+
+
+def check_sites(fingerprint: dict[str, Any], where: Path | str) -> None:
+    """Raises RecordError if a run's fingerprint was recorded under other site definitions.
+
+    Runs from before 2026-12-01 have no `sites` entry: their `attn.proj` was proj(x) * gamma1,
+    not the layer's own output that the study recorded, so their numbers mean something else.
+    """
+    sites = fingerprint.get("sites")
+    if sites == recorded_sites():
+        return
+    if sites is None:
+        raise RecordError(f"{where} was recorded before 2026-12-01, when attn.proj was proj(x) * gamma1 "
+                          "instead of the layer's own output; record it again into a new --out")
+    changed = sorted(k for k in set(sites) | set(recorded_sites()) if sites.get(k) != recorded_sites().get(k))
+    raise RecordError(f"{where} was recorded with other site definitions ({', '.join(changed)}); "
+                      "record it again into a new --out")
 
 
 def _fmt_time(s: float) -> str:
@@ -106,6 +130,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     done_file = out / DONE
     if done_file.exists():
         info = json.loads(done_file.read_text())
+        check_sites(info.get("fingerprint", {}), out)
         if info.get("fingerprint") == fp:
             return info
         raise RecordError(f"{out} holds a finished run with other settings; choose another --out")
@@ -130,6 +155,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     position, skipped = 0, []
     if (out / PROGRESS).exists():
         with np.load(out / PROGRESS) as z:
+            check_sites(json.loads(str(z["fingerprint"])), out)
             if json.loads(str(z["fingerprint"])) != resume_key:
                 raise RecordError(f"{out} holds an unfinished run with other settings "
                                   "(data, views, precision, model or process count); choose another --out")

@@ -92,7 +92,8 @@ class SelfAttention(nn.Module):
             attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(B, L, C)
         out = _dense(C, self.dtype, name="proj")(out)
-        tap(self, self.taps, "attn.proj_raw", out, c.patch_nums, self.block)
+        # The study's site: the layer's own output, before the block multiplies it by gamma1.
+        tap(self, self.taps, "attn.proj", out, c.patch_nums, self.block)
         return out
 
 
@@ -144,9 +145,10 @@ class AdaLNSelfAttn(nn.Module):
         attn = SelfAttention(c, self.taps, self.block, self.dtype, self.attention, name="attn")
         ffn = FFN(c, self.taps, self.block, self.dtype, name="ffn")
         attn_out = attn(ln(x_BLC) * (1 + scale1) + shift1, mask_LL) * gamma1
-        # Upstream: `.mul_(gamma1)` is in place on attn.proj's output tensor, so a forward hook
-        # on attn.proj that keeps its output sees proj * gamma1 (taps.py explains).
-        tap(self, self.taps, "attn.proj", attn_out, c.patch_nums, self.block, name="attn.proj")
+        # Upstream: `.mul_(gamma1)`, in place on attn.proj's output tensor; a hook that keeps
+        # that tensor sees this product, which the study did not record (taps.py explains).
+        tap(self, self.taps, "attn.proj_times_gamma1", attn_out, c.patch_nums, self.block,
+            name="attn.proj_times_gamma1")
         x_BLC = x_BLC + attn_out
         x_BLC = x_BLC + ffn(ln(x_BLC) * (1 + scale2) + shift2) * gamma2
         tap(self, self.taps, "resid", x_BLC, c.patch_nums, self.block)
