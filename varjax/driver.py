@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from varjax import stats as stats_lib
 from varjax.model import Model
-from varjax.record import Options, check_backend, Plan, RecordError, compile_step, unit_layout
+from varjax.record import Options, check_backend, check_scaling, Plan, RecordError, compile_step, unit_layout
 from varjax.taps import SITE_DEFINITIONS, UNIT_SITES
 from varjax.runfiles import SKIPPED_COLUMNS, atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
@@ -48,7 +48,7 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
         w.update(jax.tree_util.keystr(path).encode())
         w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
-    return {
+    fp = {
         "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
@@ -56,6 +56,9 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
         "sites": recorded_sites(),
     }
+    if opts.unit_scaling is not None:  # only then: runs without scaling keep their fingerprint
+        fp["unit_scaling"] = opts.unit_scaling.describe()
+    return fp
 
 
 def recorded_sites() -> dict[str, str]:
@@ -125,6 +128,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     """
     out = Path(out_dir)
     check_backend(opts)
+    check_scaling(model, opts)
     fp = _fingerprint(model, plan, num_views, opts)
     main = jax.process_index() == 0
     done_file = out / DONE

@@ -14,7 +14,6 @@ layer). Shape letters: B images per step, A views, U units, K scales, L tokens, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -28,11 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
 from varjax.model import Model
+from varjax.precision import BF16_MODES, PRECISIONS, matmul_scope
+from varjax.scaling import ScalingError, UnitScaling, prepare
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
-
-PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
-BF16_MODES = ("bf16", "bf16_full")
 
 
 class RecordError(RuntimeError):
@@ -149,6 +147,9 @@ class Options:
     # "einsum" (spelled-out softmax, the parity path), "fused" (jax.nn.dot_product_attention,
     # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
     attention: str = "einsum"
+    # Multiply chosen units (varjax.scaling): "weights" edits their incoming weights in
+    # memory, "output" their values; None leaves the model as it is on disk.
+    unit_scaling: UnitScaling | None = None
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -167,25 +168,22 @@ def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
     return [(f"blocks.{b}.{s}", b, s, size[s]) for b in range(v.depth) for s in UNIT_SITES]
 
 
-@contextlib.contextmanager
-def _precision(mode: str, part: str):
-    # highest: float32 everywhere (parity); tf32: TF32 matmuls and convs; bf16: transformer in
-    # bfloat16 (its matmuls in bf16), tokenizer float32 with TF32 (upstream's training setup);
-    # bf16_full: as bf16, and the VQVAE encoder in bfloat16 too (`tokenizer`).
-    if mode == "highest":
-        p = "highest"
-    elif mode == "tf32" or part == "vqvae":
-        p = "tensorfloat32"
-    else:
-        p = "default"
-    with jax.default_matmul_precision(p):
-        yield
+_precision = matmul_scope  # the name bench.py and older callers use
 
 
 def check_backend(opts: Options) -> None:
     """Raises RecordError if `opts` cannot run on this machine's backend (Options checks the rest)."""
     if opts.attention == "cudnn" and jax.default_backend() != "gpu":
         raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
+
+
+def check_scaling(model: Model, opts: Options) -> None:
+    """Raises RecordError if opts.unit_scaling names a unit this model does not have."""
+    if opts.unit_scaling is not None:
+        try:
+            opts.unit_scaling.check(model.config.var)
+        except ScalingError as e:
+            raise RecordError(str(e)) from None
 
 
 def tokenizer(model: Model, precision: str):
@@ -196,6 +194,7 @@ def tokenizer(model: Model, precision: str):
 def make_step(model: Model, num_views: int, opts: Options):
     """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
     check_backend(opts)
+    check_scaling(model, opts)
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
@@ -217,7 +216,8 @@ def make_step(model: Model, num_views: int, opts: Options):
         if opts.class_dropout > 0:
             drop = _dropout_mask(opts.seed, ids, A, opts.class_dropout).reshape(B * A)
         with _precision(opts.precision, "var"):
-            logits, taps = var.apply({"params": params["var"]}, lab, x, drop, mutable=[COLLECTION])
+            var_s, p_var = prepare(var, params["var"], opts.unit_scaling)
+            logits, taps = var_s.apply({"params": p_var}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
         mu = jnp.concatenate([acts[name] for name, *_ in layout], axis=-1)  # (B*A, U)
         mu = mu.reshape(B, A, -1).mean(axis=1)

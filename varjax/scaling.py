@@ -1,0 +1,184 @@
+"""Unit scaling: multiply chosen units of the transformer by a factor, without touching the
+parameters on disk and without slowing the unscaled path.
+
+No upstream counterpart (upstream VAR has no interventions). The intervention the
+memorization literature uses (Kasliwal et al.) multiplies the *incoming weights* of chosen
+fc1 units by 0.5 and leaves their biases: the unit computes gelu(f * (x . w_u) + b_u),
+which, because of the GELU and the bias, is not f * gelu(x . w_u + b_u). Both are offered:
+
+- mode "weights": column u of the unit's Linear kernel is multiplied by f, its bias is
+  not (a parameter edit made in memory on every call: `UnitScaling.apply`);
+- mode "output": the unit's value at its recording site is multiplied by f (fc1 after its
+  GELU, attn.proj and ffn.fc2 before their gates), inside the forward (`scale_output`).
+
+Either way the recorded activations (varjax.taps) are those of the scaled model. A unit is
+(site, block, index) with a site of `varjax.taps.UNIT_SITES`; `from_unit_ids` takes the
+global unit columns of units.csv (docs/design.md). With no scaling (None) nothing is added
+to the computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+from varjax.config import VARConfig
+from varjax.taps import UNIT_SITES
+
+MODES = ("weights", "output")
+# The Linear layer whose kernel column u computes unit u of each site.
+_LAYER = {"attn.proj": ("attn", "proj"), "ffn.fc1": ("ffn", "fc1"), "ffn.fc2": ("ffn", "fc2")}
+
+
+class ScalingError(ValueError):
+    """A unit scaling that cannot apply (bad mode, site, unit or factor); one-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitScaling:
+    """Which units to scale, by how much, and how.
+
+    mode: "weights" (scale the unit's incoming weights) or "output" (scale its value).
+    units: ((site, block, index, factor), ...), each unit at most once.
+    """
+
+    mode: str
+    units: tuple[tuple[str, int, int, float], ...]
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ScalingError(f"unit scaling mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        units = tuple((str(s), int(b), int(i), float(f)) for s, b, i, f in self.units)
+        object.__setattr__(self, "units", units)
+        for site, block, index, factor in units:
+            if site not in UNIT_SITES:
+                raise ScalingError(f"unit scaling: unknown site {site!r}; known: {', '.join(UNIT_SITES)}")
+            if block < 0 or index < 0:
+                raise ScalingError(f"unit scaling: negative block or index in {(site, block, index)}")
+            if not math.isfinite(factor):
+                raise ScalingError(f"unit scaling: factor {factor} of {site} {block}/{index} is not finite")
+        keys = [(s, b, i) for s, b, i, _ in units]
+        if len(set(keys)) != len(keys):
+            raise ScalingError("unit scaling: a unit is listed twice")
+
+    @classmethod
+    def from_unit_ids(cls, config: VARConfig, unit_ids: Iterable[int], factor: float, mode: str) -> "UnitScaling":
+        """Scale the units with these global ids (columns of units.csv) by one factor."""
+        return cls(mode, tuple((*unit_of(config, u), factor) for u in unit_ids))
+
+    def check(self, config: VARConfig) -> None:
+        """Raises ScalingError if a unit does not exist in a model of this config."""
+        size = site_sizes(config)
+        for site, block, index, _ in self.units:
+            if block >= config.depth or index >= size[site]:
+                raise ScalingError(f"unit scaling: blocks.{block}.{site} unit {index} does not exist "
+                                   f"(depth {config.depth}, {size[site]} units)")
+
+    def factors(self, site: str, block: int, size: int) -> np.ndarray | None:
+        """float32 (size,) factors of one site of one block (1 where unscaled); None if none."""
+        hits = [(i, f) for s, b, i, f in self.units if s == site and b == block]
+        if not hits:
+            return None
+        out = np.ones(size, np.float32)
+        for i, f in hits:
+            out[i] = f
+        return out
+
+    def apply(self, var, params: dict[str, Any]):
+        """The module and parameters that compute the scaled model.
+
+        Args:
+          var: a `varjax.var.VAR` module; params: its parameter tree (not modified).
+        Returns:
+          (var, params): in mode "output" the module carries the scaling; in mode "weights"
+          the kernels are edited copies (a jnp computation, fine inside jit).
+        """
+        self.check(var.config)
+        if self.mode == "output":
+            return var.clone(scaling=self), params
+        params = dict(params)
+        for (site, block), hits in _by_layer(self.units).items():
+            first, second = _LAYER[site]
+            blk = dict(params[f"blocks_{block}"])
+            sub = dict(blk[first])
+            layer = dict(sub[second])
+            idx = np.array([i for i, _ in hits])
+            f = np.array([f for _, f in hits], np.float32)
+            kernel = jnp.asarray(layer["kernel"])
+            layer["kernel"] = kernel.at[:, idx].multiply(f.astype(kernel.dtype))  # bias untouched
+            sub[second], blk[first] = layer, sub
+            params[f"blocks_{block}"] = blk
+        return var, params
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able record of this scaling (for run.json and run fingerprints)."""
+        return {"mode": self.mode, "units": [list(u) for u in self.units]}
+
+
+def prepare(var, params: dict[str, Any], scaling: UnitScaling | None):
+    """`scaling.apply(var, params)`, or (var, params) unchanged when scaling is None."""
+    return (var, params) if scaling is None else scaling.apply(var, params)
+
+
+def scale_output(scaling: UnitScaling | None, site: str, block: int, x_BLU: jnp.ndarray) -> jnp.ndarray:
+    """x_BLU with its units multiplied by their output-mode factors (x_BLU itself if none)."""
+    if scaling is None or scaling.mode != "output":
+        return x_BLU
+    f = scaling.factors(site, block, x_BLU.shape[-1])
+    return x_BLU if f is None else x_BLU * f.astype(x_BLU.dtype)
+
+
+def site_sizes(config: VARConfig) -> dict[str, int]:
+    return {"attn.proj": config.embed_dim, "ffn.fc1": config.mlp_dim, "ffn.fc2": config.embed_dim}
+
+
+def unit_of(config: VARConfig, unit: int) -> tuple[str, int, int]:
+    """Global unit id -> (site, block, index), in the unit order of docs/design.md
+    (block-major, then attn.proj, ffn.fc1, ffn.fc2, then index)."""
+    size = site_sizes(config)
+    per_block = sum(size.values())
+    if not 0 <= unit < per_block * config.depth:
+        raise ScalingError(f"unit {unit} does not exist (the model has {per_block * config.depth} units)")
+    block, rest = divmod(int(unit), per_block)
+    for site in UNIT_SITES:
+        if rest < size[site]:
+            return site, block, rest
+        rest -= size[site]
+    raise AssertionError("unreachable")
+
+
+def read_unit_ids(path: str | Path) -> list[int]:
+    """Unit ids from a file: integers separated by commas, spaces or newlines ('#' starts a
+    comment), or a CSV whose header has a `unit` column (as units.csv)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ScalingError(f"{p}: cannot read the unit list ({e.strerror or e})") from None
+    lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if lines and "unit" in [c.strip() for c in lines[0].split(",")]:
+        col = [c.strip() for c in lines[0].split(",")].index("unit")
+        tokens = [ln.split(",")[col].strip() for ln in lines[1:]]
+    else:
+        tokens = [t for ln in lines for t in re.split(r"[,\s]+", ln) if t]
+    try:
+        ids = [int(t) for t in tokens]
+    except ValueError:
+        raise ScalingError(f"{p}: expected unit ids (integers), found {next(t for t in tokens if not t.lstrip('-').isdigit())!r}") from None
+    if not ids:
+        raise ScalingError(f"{p}: no unit ids")
+    return ids
+
+
+def _by_layer(units) -> dict[tuple[str, int], list[tuple[int, float]]]:
+    out: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for site, block, index, factor in units:
+        out.setdefault((site, block), []).append((index, factor))
+    return out
