@@ -43,13 +43,9 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     h = hashlib.sha256()
     for a in (plan.ids, plan.labels, plan.splits):
         h.update(np.ascontiguousarray(a, np.int64).tobytes())
-    # Weights: every tensor's shape and leading values tell two checkpoints apart cheaply.
-    w = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        w.update(jax.tree_util.keystr(path).encode())
-        w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
     fp = {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": weights_digest(model.params),
+        "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
@@ -59,6 +55,15 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     if opts.unit_scaling is not None:  # only then: runs without scaling keep their fingerprint
         fp["unit_scaling"] = opts.unit_scaling.describe()
     return fp
+
+
+def weights_digest(params) -> str:
+    """sha256 of every tensor's path and leading values: tells two checkpoints apart cheaply."""
+    w = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        w.update(jax.tree_util.keystr(path).encode())
+        w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
+    return w.hexdigest()
 
 
 def recorded_sites() -> dict[str, str]:

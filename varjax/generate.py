@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from varjax.sampling import cfg_coefficients, draw, filter_logits, guide, gumbel_soft, smooth_params
 from varjax.config import ModelConfig
 from varjax.precision import matmul_scope
-from varjax.scaling import UnitScaling, prepare
+from varjax.scaling import ScalingError, UnitScaling, prepare
 from varjax.taps import COLLECTION, NO_TAPS, TapConfig, collect
 from varjax.var import ATTENTION, CACHE, VAR, scale_begin
 from varjax.vqvae import VQVAE
@@ -231,13 +231,38 @@ _COMPILED: dict[tuple, CompiledSampler] = {}
 _MAX_COMPILED = 8
 
 
-def _compiled(model, program: Program, batch: int) -> CompiledSampler:
+def compiled_for(model, program: Program, batch: int) -> CompiledSampler:
+    """The compiled sampler for `batch` images (padded up to a multiple of the device count),
+    compiled on first use and kept (the last few programs)."""
+    n = len(jax.devices())
+    batch = -(-batch // n) * n
     key = (model.config, program, batch, tuple(jax.devices()), jax.config.jax_default_matmul_precision)
     if key not in _COMPILED:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[key] = compile_sampler(model, program, batch)
     return _COMPILED[key]
+
+
+def program_for(model, sampling: Sampling, *, return_acts: bool = False, return_images: bool = False,
+                return_logits: bool = False, unit_scaling: UnitScaling | None = None,
+                precision: str | None = None, attention: str = "einsum") -> Program:
+    """The Program `generate` runs for these arguments (checked; GenerateError if unusable)."""
+    cfg = model.config
+    if model.vqvae is None or model.var is None:
+        raise GenerateError("generation needs both the VQVAE and the VAR (convert with --vae and --var)")
+    if precision is not None and precision not in PRECISIONS:
+        raise GenerateError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if attention not in ATTENTION:
+        raise GenerateError(f"attention {attention!r}: expected one of {', '.join(ATTENTION)}")
+    if unit_scaling is not None:
+        try:
+            unit_scaling.check(cfg.var)
+        except ScalingError as e:
+            raise GenerateError(str(e)) from None
+    return Program(top_k=int(sampling.top_k), top_p=sampling.top_p > 0, more_smooth=sampling.more_smooth,
+                   guided=sampling.cfg != 0, acts=return_acts, images=return_images, logits=return_logits,
+                   precision=precision, scaling=unit_scaling, attention=attention, taps=model.taps)
 
 
 def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
@@ -265,8 +290,9 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
       count is internal).
     """
     cfg = model.config
-    if model.vqvae is None or model.var is None:
-        raise GenerateError("generation needs both the VQVAE and the VAR (convert with --vae and --var)")
+    program = program_for(model, sampling, return_acts=return_acts, return_images=return_images,
+                          return_logits=return_logits, unit_scaling=unit_scaling, precision=precision,
+                          attention=attention)
     labels = _int_array(labels, "labels", 1)
     B = len(labels)
     if B == 0 or labels.min() < 0 or labels.max() > cfg.var.num_classes:
@@ -278,18 +304,8 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
     prefix = _check_prefix(prefix, B, cfg)
     if int(seed) != seed or not 0 <= seed < 2**32:
         raise GenerateError(f"seed must be an integer in [0, 2^32), got {seed}")
-    if precision is not None and precision not in PRECISIONS:
-        raise GenerateError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if attention not in ATTENTION:
-        raise GenerateError(f"attention {attention!r}: expected one of {', '.join(ATTENTION)}")
-    if unit_scaling is not None:
-        unit_scaling.check(cfg.var)
-    program = Program(top_k=int(sampling.top_k), top_p=sampling.top_p > 0, more_smooth=sampling.more_smooth,
-                      guided=sampling.cfg != 0, acts=return_acts,
-                      images=return_images, logits=return_logits, precision=precision,
-                      scaling=unit_scaling, attention=attention, taps=model.taps)
-    n = len(jax.devices())
-    Bp = -(-B // n) * n
+    cs = compiled_for(model, program, B)
+    Bp = cs.batch
     pad = Bp - B
     labels = np.concatenate([labels, np.full(pad, cfg.var.num_classes)]).astype(np.int32)
     ids = np.concatenate([ids, np.zeros(pad, ids.dtype)]).astype(np.int32)
@@ -297,7 +313,6 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
     prefix_BL = np.zeros((Bp, cfg.var.seq_len), np.int32)
     if prefix:
         prefix_BL[:B, :sum(t.shape[1] for t in prefix)] = np.concatenate(prefix, axis=1)
-    cs = _compiled(model, program, Bp)
     put = lambda a, sh: jax.device_put(a, sh)  # noqa: E731
     out = cs.fn(model.placed_params(cs.replicated), put(labels, cs.batch_sharding), put(ids, cs.batch_sharding),
                 put(np.uint32(seed), cs.replicated),
