@@ -1,4 +1,5 @@
-"""Benchmark of the recording pass, and what each precision costs.
+"""Benchmark of the recording pass, and what each precision costs; with --generate, of the
+sampler (experiments/bench_generate.py).
 
 Times the whole compiled step of `varjax.record` (tokenization, teacher-forced transformer,
 unit reductions, loss, streaming statistics) at steady state on synthetic images, for a
@@ -9,6 +10,7 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py --config tiny --images-per-step 2 --steps 3
     python experiments/bench.py --precision-cost --config d16 --images 64
     python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
+    python experiments/bench.py --generate --gen-batch 8 --precision highest --upstream PATH
 
 Each precision's first setting also times the tokenizer alone on one step's views (a
 "tokenizer" line), which shows how the step's time splits. `--precision-cost` then also runs
@@ -284,7 +286,17 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     ap.add_argument("--skip-tokenizer", action="append", choices=PRECISIONS, metavar="PRECISION",
                     help="no tokenizer-alone timing (nor token comparison) for this precision (repeatable)")
+    gen = ap.add_argument_group("generation (--generate): the sampler, decode included")
+    gen.add_argument("--generate", action="store_true", help="time the sampler instead of the recording pass")
+    gen.add_argument("--gen-batch", type=int, action="append", help="images per call (repeatable; default 1, 8, 64)")
+    gen.add_argument("--reps", type=int, default=3, help="timed calls per setting after one warm-up")
+    gen.add_argument("--cfg", type=float, default=1.5)
+    gen.add_argument("--top-k", type=int, default=900)
+    gen.add_argument("--top-p", type=float, default=0.96)
+    gen.add_argument("--upstream", metavar="PATH", help="also time upstream's sampler from this VAR checkout, interleaved")
     args = ap.parse_args(argv)
+    if args.generate:
+        return _generate(args)
     variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
                                 for a in (args.attention or ("einsum",))]
     if args.precision_cost and ("highest", "einsum") not in {(p, a) for p, a, _ in variants}:
@@ -334,6 +346,28 @@ def main(argv=None) -> int:
                 cost_row = precision_cost(ref, results[key], *key, args.images, args.views)
                 print(json.dumps({"config": args.config, **cost_row}), flush=True)
     return 1 if failed else 0
+
+
+def _generate(args) -> int:
+    from experiments import bench_generate
+    from varjax.generate import PRECISIONS as GEN_PRECISIONS, Sampling
+
+    precisions = args.precision or list(GEN_PRECISIONS)
+    bad = [p for p in precisions if p not in GEN_PRECISIONS]
+    batches = args.gen_batch or [1, 8, 64]
+    if bad or min(batches) < 1 or args.reps < 1:
+        print(f"bench: error: --generate takes precisions {', '.join(GEN_PRECISIONS)}, positive --gen-batch and --reps",
+              file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        import varjax
+
+        model, name = varjax.load(args.checkpoint), Path(args.checkpoint).name
+    else:
+        cfg = config_lib.PRESETS[args.config]()
+        model, name = Model(cfg, init_params(cfg, seed=0)), args.config
+    sampling = Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    return bench_generate.run(model, name, precisions, batches, args.reps, sampling, args.upstream, _versions())
 
 
 if __name__ == "__main__":

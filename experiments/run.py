@@ -74,6 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=4, help="data loader threads per process")
     ap.add_argument("--variant", choices=("mean", "median"), default="mean",
                     help="mu_-max as the mean (study) or median (official UnitMem) of the other samples")
+    ap.add_argument("--scale-units", metavar="FILE",
+                    help="multiply these units (ids of units.csv: numbers, or a CSV with a unit column) "
+                         "by --scale-factor while recording (an intervention; stored in record.json)")
+    ap.add_argument("--scale-factor", type=float, default=0.5, help="factor for --scale-units")
+    ap.add_argument("--scale-mode", choices=("weights", "output"), default="weights",
+                    help="weights: the units' incoming weights (biases kept); output: their values")
     ap.add_argument("--reanalyze", metavar="RUN_DIR", help="recompute the analysis from RUN_DIR's files only")
     ap.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
     ap.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -195,6 +201,12 @@ def run(args) -> Path:
     model, model_name = _load_model(args)
     if model.vqvae is None or model.var is None:
         raise RunError(f"{model_name} holds only part of the model; convert it with both --var and --vae")
+    scaling = None  # built before anything is written: a bad unit list leaves nothing
+    if args.scale_units:
+        from varjax.scaling import UnitScaling, read_unit_ids
+
+        scaling = UnitScaling.from_unit_ids(model.config.var, read_unit_ids(args.scale_units), args.scale_factor,
+                                            args.scale_mode)
     source = data.open_source(args.data, data_dir=args.data_dir)
     splits = [s for s in args.splits.split(",") if s in source.splits]
     if not splits:
@@ -222,7 +234,8 @@ def run(args) -> Path:
                           else "einsum")
     opts = Options(batch_size=args.batch_size, precision=args.precision,
                    save_activations=args.save_activations, per_scale=args.per_scale,
-                   class_dropout=args.class_dropout, seed=args.seed, attention=args.attention)
+                   class_dropout=args.class_dropout, seed=args.seed, attention=args.attention,
+                   unit_scaling=scaling)
     info = record(model, plan, out, args.augs, opts, image_shape=(res, res))
     if not main_process:
         return out
@@ -232,6 +245,7 @@ def run(args) -> Path:
         "data_dir": args.data_dir, "splits": splits, "classes": args.classes, "per_class": args.per_class,
         "seed": args.seed, "augs": args.augs, "mid_reso": args.mid_reso, "deterministic": args.deterministic,
         "class_dropout": args.class_dropout, "precision": args.precision, "attention": args.attention,
+        "unit_scaling": scaling.describe() if scaling else None,
         "batch_size": args.batch_size,
         "n_images": len(samples), "skipped": info["skipped"], "record_compile_s": info["compile_s"],
         "record_images_per_s": info["images_per_s"], "patch_nums": list(model.config.patch_nums),
@@ -258,6 +272,7 @@ def main(argv=None) -> int:
     from varjax.checkpoint import CheckpointError
     from varjax.data import DataError
     from varjax.record import RecordError
+    from varjax.scaling import ScalingError
 
     try:
         if args.reanalyze:
@@ -267,7 +282,7 @@ def main(argv=None) -> int:
             _print_summary(run_dir, _analyze(run_dir, args, _image_loader(run_dir)))
         else:
             run(args)
-    except (RunError, AnalysisError, CheckpointError, DataError, RecordError) as e:
+    except (RunError, AnalysisError, CheckpointError, DataError, RecordError, ScalingError) as e:
         print(f"run: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

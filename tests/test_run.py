@@ -80,6 +80,7 @@ def test_reanalyze_hand_written_directory(tmp_path):
     (["--data", "/nonexistent/images"], "does not exist"),
     (["--reanalyze", "/nonexistent/run"], "no such run directory"),
     (["--preset", "study"], "needs --checkpoint"),
+    (["--scale-units", "/nonexistent/units.txt"], "cannot read the unit list"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--out", str(tmp_path / "o")] + argv,
