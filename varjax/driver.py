@@ -49,7 +49,7 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         w.update(jax.tree_util.keystr(path).encode())
         w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
     return {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "view": plan.view, "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
