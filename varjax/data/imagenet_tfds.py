@@ -13,6 +13,7 @@ and caches a small CSV index (`record,label,file_name`) under `index_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -51,6 +52,18 @@ _TFDS_SPLITS = {"train": "train", "val": "validation"}
 _SCAN_CHUNK = 1024
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Holds tfds' absl warnings (logged, not raised) back while it looks for a dataset."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 class TfdsReader:
     """Fetches the encoded image bytes of (tfds split, record); pickles into grain workers."""
 
@@ -87,7 +100,8 @@ class TfdsSource(ImageSource):
 
         self.name = spec
         try:
-            builder = tfds.builder(spec, data_dir=data_dir)
+            with _quiet_absl():  # tfds warns about the folder it is about to find missing
+                builder = tfds.builder(spec, data_dir=data_dir)
         except DatasetNotFoundError:
             raise DataError(f"'{spec}' is neither an existing folder nor a tfds dataset name") \
                 from None
@@ -95,6 +109,13 @@ class TfdsSource(ImageSource):
             raise DataError(f"tfds cannot open '{spec}': {_first_line(e)}") from None
         self.tfds_name = builder.name
         self.version = str(builder.version)
+        with _quiet_absl():
+            prepared = builder.is_prepared()
+        if not prepared:
+            where = builder.data_path if hasattr(builder, "data_path") else builder.data_dir
+            raise DataError(f"tfds dataset {spec} is not prepared: nothing in {where} (pass --data-dir if it "
+                            "is elsewhere, or --data /path/to/ImageFolder); to prepare it, see "
+                            "`python -c 'import varjax.data as d; print(d.IMAGENET_HOWTO)'`")
         try:
             by_tfds_split = tfds.data_source(
                 spec, split=None, data_dir=data_dir, download=False,
