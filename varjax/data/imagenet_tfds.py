@@ -122,7 +122,9 @@ class TfdsSource(ImageSource):
                     spec, split=None, data_dir=data_dir, download=False,
                     decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:
-            if builder.is_prepared():
+            with _quiet_absl():
+                prepared = builder.is_prepared()
+            if prepared:
                 raise DataError(f"{spec} in {builder.data_dir} cannot be read without TensorFlow"
                                 f" ({_first_line(e)}); rebuild it with "
                                 "--file_format=array_record") from None
