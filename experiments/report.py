@@ -225,6 +225,16 @@ def _dataset_section(ctx: Context, s: dict, study: bool) -> list[str]:
     return lines + _table(header, rows) + [""]
 
 
+def _sites_line(record_info: dict | None) -> str:
+    """What the recorded units are, from the definitions the recording pass stored."""
+    sites = (record_info or {}).get("fingerprint", {}).get("sites")
+    if not sites:
+        return ("- Units: as units.csv names them (no record.json: what each site measures is "
+                "the recording tool's definition).")
+    return ("- Units: the per-unit mean over tokens of |value| at " +
+            "; ".join(f"`{k}` = {v}" for k, v in sites.items()) + ".")
+
+
 def _run_section(ctx: Context, s: dict) -> list[str]:
     """Method line, run.json and record.json as key tables, sample counts."""
     mu_rest = ("the mean of the other N-1 samples, (sum - max)/(N-1), as in the study"
@@ -237,7 +247,8 @@ def _run_section(ctx: Context, s: dict) -> list[str]:
              f"- Statistics from {source}; U10 = units with UnitMem >= P{ctx.q:g} (numpy percentile, "
              "linear interpolation); a unit zero on every sample has UnitMem 0.",
              "- NumMemUnits(x) = U10 units whose argmax is x (argmax: smallest sample id on ties); "
-             "samples are ranked by NumMemUnits, ties by ascending sample id.", "", "## Run", ""]
+             "samples are ranked by NumMemUnits, ties by ascending sample id.",
+             _sites_line(ctx.data.record_info), "", "## Run", ""]
 
     def val(v: Any) -> str:
         text = v if isinstance(v, str) else json.dumps(_jsonable(v))

@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mid-reso", type=float, default=1.125,
                     help="resize the shorter side to round(mid_reso * resolution) before cropping "
                          "(study code 1.125, its write-up 1.25)")
-    ap.add_argument("--deterministic", action="store_true", help="resize + center crop, one view")
+    ap.add_argument("--deterministic", action="store_true", help="one view: upstream's validation transform (the training resize, then a center crop)")
     ap.add_argument("--class-dropout", type=float, default=0.0,
                     help="drop labels to the null class at this rate (the study ran upstream's 0.1)")
     ap.add_argument("--on-error", choices=("skip", "stop"), default="skip",
@@ -221,11 +221,9 @@ def run(args) -> Path:
                                  deterministic=args.deterministic)
     plan = Plan.from_samples(source, samples, augment, seed=args.seed, on_error=args.on_error,
                              num_workers=args.workers, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by `record`, once the settings are checked
     main_process = jax.process_index() == 0
     if main_process:
-        data.write_samples_csv(str(out / "samples.csv"), samples)
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         print(f"[run] {model_name}: {len(samples)} images ({counts}) x {args.augs} views -> {out}",
               file=sys.stderr)
@@ -239,6 +237,8 @@ def run(args) -> Path:
     info = record(model, plan, out, args.augs, opts, image_shape=(res, res))
     if not main_process:
         return out
+    # Only now: a directory that `record` refused (another run's) keeps its own samples.csv.
+    data.write_samples_csv(str(out / "samples.csv"), samples)
     run_info = {
         "model": model_name, "checkpoint": args.checkpoint, "config": json.loads(model.config.to_json()),
         "data": args.data,

@@ -81,6 +81,7 @@ def test_reanalyze_hand_written_directory(tmp_path):
     (["--reanalyze", "/nonexistent/run"], "no such run directory"),
     (["--preset", "study"], "needs --checkpoint"),
     (["--scale-units", "/nonexistent/units.txt"], "cannot read the unit list"),
+    (["--data", "imagenet2012", "--data-dir", "/nonexistent/tfds"], "imagenet2012 is not prepared: nothing in /nonexistent/tfds"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--out", str(tmp_path / "o")] + argv,
@@ -116,3 +117,19 @@ def test_run_recorded_with_the_old_attn_proj_is_refused(demo_run, tmp_path, caps
         err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("run: error:")]
         assert len(err) == 1 and "before 2026-12-01" in err[0] and "record it again" in err[0], err
         assert not (old / "report.md").exists()
+
+
+def test_other_views_into_a_finished_run_are_refused_and_change_nothing(demo_run, capsys):
+    """Another crop scale (or any view setting) is another run: refused, and the refused
+    command leaves the directory's files as they were."""
+    before = {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()}
+    assert run.main(["--out", str(demo_run), "--augs", "2", "--mid-reso", "1.25"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("run: error:")]
+    assert len(err) == 1 and "other settings" in err[0], err
+    assert {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()} == before
+
+
+def test_refused_settings_leave_no_directory_behind(tmp_path):
+    out = tmp_path / "never"
+    assert run.main(["--out", str(out), "--augs", "2", "--precision", "tf32", "--attention", "cudnn"]) == 2
+    assert not out.exists()

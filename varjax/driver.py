@@ -44,8 +44,8 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     for a in (plan.ids, plan.labels, plan.splits):
         h.update(np.ascontiguousarray(a, np.int64).tobytes())
     fp = {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": weights_digest(model.params),
-        "splits": list(plan.split_names),
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "view": plan.view,
+        "weights_sha256": weights_digest(model.params), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,

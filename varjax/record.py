@@ -59,6 +59,9 @@ class Plan:
     split_names: tuple[str, ...]
     open_batches: OpenBatches
     sources: tuple[str, ...] | None = None  # (N,) what names each image (samples.csv, skipped.csv)
+    # How the views are made (resize, crop, views, deterministic), for the run's fingerprint:
+    # a resumed run must see the same pixels. None: the caller's `load` alone decides.
+    view: dict | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,7 +96,9 @@ class Plan:
 
         return cls(np.array([s.sample for s in samples]), np.array([s.label for s in samples]),
                    np.array([names.index(s.split) for s in samples]), names, open_batches,
-                   tuple(s.source for s in samples))
+                   tuple(s.source for s in samples),
+                   {**dataclasses.asdict(augment_config), "num_views": augment_config.num_views,
+                    "resize_to": augment_config.resize_to, "crop_seed": seed})
 
 
 def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,
