@@ -367,7 +367,9 @@ def _generate(args) -> int:
         cfg = config_lib.PRESETS[args.config]()
         model, name = Model(cfg, init_params(cfg, seed=0)), args.config
     sampling = Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    return bench_generate.run(model, name, precisions, batches, args.reps, sampling, args.upstream, _versions())
+    attention = (args.attention or ["einsum"])[0]
+    return bench_generate.run(model, name, precisions, batches, args.reps, sampling, args.upstream, _versions(),
+                              attention)
 
 
 if __name__ == "__main__":

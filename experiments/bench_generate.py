@@ -35,14 +35,15 @@ def _labels(batch: int, num_classes: int) -> np.ndarray:
     return (np.arange(batch) * 37 + 11) % num_classes  # fixed, spread over the classes
 
 
-def _ours(model: Model, sampling: gen_lib.Sampling, precision: str, batch: int):
+def _ours(model: Model, sampling: gen_lib.Sampling, precision: str, batch: int, attention: str):
     """(compile seconds, a function that runs one timed call)."""
-    program = gen_lib.program_for(model, sampling, return_images=True, precision=precision)
+    program = gen_lib.program_for(model, sampling, return_images=True, precision=precision, attention=attention)
     cs = gen_lib.compiled_for(model, program, batch)
     labels = _labels(batch, model.config.var.num_classes)
 
     def call():
-        g = gen_lib.generate(model, labels, sampling, seed=0, return_images=True, precision=precision)
+        g = gen_lib.generate(model, labels, sampling, seed=0, return_images=True, precision=precision,
+                             attention=attention)
         jax.block_until_ready(g.images)
 
     return cs.compile_s, call
@@ -125,7 +126,7 @@ def _row(what: str, times: list[float], batch: int, extra: dict) -> dict:
 
 
 def run(model: Model, config_name: str, precisions, batches, reps: int, sampling: gen_lib.Sampling,
-        upstream: str | None, versions: dict) -> int:
+        upstream: str | None, versions: dict, attention: str = "einsum") -> int:
     """Prints one JSON line per (precision, batch) and one per upstream batch; returns 0."""
     dev = jax.devices()[0]
     common = {"config": config_name, "cfg": sampling.cfg, "top_k": sampling.top_k, "top_p": sampling.top_p,
@@ -136,7 +137,7 @@ def run(model: Model, config_name: str, precisions, batches, reps: int, sampling
         if up_call:
             up_call()  # warm-up
         for precision in precisions:
-            compile_s, call = _ours(model, sampling, precision, batch)
+            compile_s, call = _ours(model, sampling, precision, batch, attention)
             call()  # warm-up (first run allocates)
             times = []
             for _ in range(reps):
@@ -149,7 +150,7 @@ def run(model: Model, config_name: str, precisions, batches, reps: int, sampling
                     up_times.append(time.perf_counter() - t0)
             gflop = sampler_gflop(model, sampling, precision, batch) / batch
             row = _row("generation", times, batch, {
-                **common, "precision": precision, "compile_s": round(compile_s, 2),
+                **common, "precision": precision, "attention": attention, "compile_s": round(compile_s, 2),
                 "gflop_per_image": round(gflop, 1),
                 "tflop_per_s": round(gflop * batch / statistics.median(times) / 1e3, 3),
                 "device": dev.device_kind, "devices": len(jax.devices()), **versions})

@@ -206,3 +206,17 @@ def test_bad_arguments_are_one_clear_error(micro_model, kwargs, match):
     args.update(kwargs)
     with pytest.raises(GenerateError, match=match):
         micro_model.generate(**args)
+
+
+def test_more_smooth_feeds_soft_embeddings(micro_model):
+    """more_smooth: the image comes from the Gumbel-softmax mixtures, not the drawn tokens;
+    forced scales still use the given tokens' own vectors."""
+    labels = np.array([1, 2, 3, 4])
+    smooth = Sampling(cfg=1.5, top_k=20, more_smooth=True)
+    a = generate(micro_model, labels, smooth, seed=4, return_images=True)
+    b = generate(micro_model, labels, smooth, seed=4, return_images=True)
+    np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+    hard = np.asarray(micro_model.decode(a.tokens))
+    assert np.abs(np.asarray(a.images) - hard).max() > 1e-2
+    forced = generate(micro_model, labels, smooth, seed=4, prefix=a.tokens, return_images=True)
+    np.testing.assert_allclose(np.asarray(forced.images), hard, rtol=0, atol=BATCH_IMAGE_ATOL)

@@ -40,15 +40,20 @@ def _np_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
 def test_filter_matches_the_rules_with_ties():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (3, 5, 37)).astype(np.float32)
-    logits[0, 0, :6] = 3.0  # a tie across the k-th value: every tied token must survive top-k=4
-    logits[1, 1] = np.round(logits[1, 1])  # many ties
-    for top_k, top_p in [(4, 0.0), (1, 0.0), (0, 0.9), (0, 0.3), (10, 0.5), (37, 0.0), (50, 0.0), (0, 1.0)]:
+    logits[0, 0, :6] = 10.0  # six tie for the largest: every one survives top-k = 4
+    logits[1, 1] = np.round(logits[1, 1])  # many ties, inside and at the k-th value
+    cases = [(4, 0.0), (1, 0.0), (0, 0.9), (0, 0.3), (10, 0.5), (37, 0.0), (50, 0.0), (0, 1.0),
+             (4, 0.5), (4, 0.9), (12, 0.7)]  # (4, p): more survivors than k, top-p sorts every token
+    for top_k, top_p in cases:
         got = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k, None if top_p == 0 else jnp.float32(top_p)))
         want = _np_filter(logits, top_k, top_p)
         np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=f"top_k={top_k} top_p={top_p}")
         np.testing.assert_array_equal(got[~np.isinf(got)], logits[~np.isinf(got)])
     kept = ~np.isinf(np.asarray(sampling.filter_logits(jnp.asarray(logits), 4, None)))
     assert kept[0, 0].sum() == 6 and kept[0, 0, :6].all()  # ties with the 4th largest survive
+    # six equal survivors, each 1/6 of the mass: top-p 0.5 drops the three of lowest index
+    kept = ~np.isinf(np.asarray(sampling.filter_logits(jnp.asarray(logits), 4, jnp.float32(0.5))))
+    np.testing.assert_array_equal(np.flatnonzero(kept[0, 0]), [3, 4, 5])
     # top-p never removes the largest, even when it alone holds less than the mass asked for
     flat = np.zeros((1, 1, 8), np.float32)
     got = np.asarray(sampling.filter_logits(jnp.asarray(flat), 0, jnp.float32(0.01)))

@@ -255,6 +255,8 @@ def program_for(model, sampling: Sampling, *, return_acts: bool = False, return_
         raise GenerateError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if attention not in ATTENTION:
         raise GenerateError(f"attention {attention!r}: expected one of {', '.join(ATTENTION)}")
+    if attention == "cudnn" and (precision != "bf16" or jax.default_backend() != "gpu"):
+        raise GenerateError("attention 'cudnn' needs an NVIDIA GPU and precision 'bf16'")
     if unit_scaling is not None:
         try:
             unit_scaling.check(cfg.var)

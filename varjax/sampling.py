@@ -34,24 +34,52 @@ def filter_logits(logits_BlV: jnp.ndarray, top_k: int, top_p: jnp.ndarray | None
 
     top_k > 0: every logit below the k-th largest (counted with multiplicity) is removed;
     ties with it survive. top_p (None: off): in ascending order, tokens whose cumulative
-    softmax is <= 1 - top_p are removed, never the largest; applied after top-k.
+    softmax is <= 1 - top_p are removed, never the largest; applied after top-k. Equal logits
+    are ordered by index (lower first) for top-p (upstream's torch.sort leaves their order
+    to the implementation).
     """
     V = logits_BlV.shape[-1]
     neg_inf = jnp.array(-jnp.inf, logits_BlV.dtype)
     # Upstream: torch.topk raises for k > V; here k >= V keeps every token (as k = V does).
     if 0 < top_k < V:
-        kth = jax.lax.top_k(logits_BlV, top_k)[0][..., -1:]
+        # The barrier keeps XLA from rewriting top_k into a full sort when only its last
+        # value is used (3x slower on a CPU).
+        vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(logits_BlV, top_k))
+        kth = vals[..., -1:]
         logits_BlV = jnp.where(logits_BlV < kth, neg_inf, logits_BlV)
-    if top_p is not None:
-        # A stable ascending sort: among equal logits the lower index comes first (torch's CPU
-        # sort does the same in practice; its docs promise no order for ties).
-        order = jnp.argsort(logits_BlV, axis=-1, stable=True)
-        srt = jnp.take_along_axis(logits_BlV, order, axis=-1)
-        drop_sorted = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1) <= 1 - top_p
-        drop_sorted = drop_sorted.at[..., -1].set(False)
-        drop = jnp.put_along_axis(jnp.zeros_like(drop_sorted), order, drop_sorted, axis=-1, inplace=False)
-        logits_BlV = jnp.where(drop, neg_inf, logits_BlV)
-    return logits_BlV
+        if top_p is None:
+            return logits_BlV
+        # top-p needs the survivors in order: the k that top_k returned, unless some row has
+        # more (ties with the k-th); then every token is sorted.
+        extra_ties = jnp.any(jnp.sum(logits_BlV >= kth, axis=-1) > top_k)
+        full = logits_BlV
+        v, i = jax.lax.cond(extra_ties, lambda: _boundary(*_ascending(full), top_p),
+                            lambda: _boundary(*_ascending(vals, idx), top_p))
+    elif top_p is not None:
+        v, i = _boundary(*_ascending(logits_BlV), top_p)
+    else:
+        return logits_BlV
+    tok = jax.lax.broadcasted_iota(jnp.int32, logits_BlV.shape, logits_BlV.ndim - 1)
+    keep = (logits_BlV > v) | ((logits_BlV == v) & (tok >= i))  # at or after the boundary
+    return jnp.where(keep, logits_BlV, neg_inf)
+
+
+def _ascending(values: jnp.ndarray, index: jnp.ndarray | None = None):
+    """(values, their token indices) sorted ascending by value, then index."""
+    if index is None:
+        index = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    return jax.lax.sort((values, index.astype(jnp.int32)), dimension=values.ndim - 1, num_keys=2)
+
+
+def _boundary(srt: jnp.ndarray, order: jnp.ndarray, top_p) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(value, index) (..., 1) of the first token top-p keeps: the first sorted position whose
+    cumulative softmax exceeds 1 - top_p; the last position is never dropped. Upstream's mask
+    (cumsum <= 1 - top_p) drops exactly the positions before it, as a cumulative sum of
+    non-negative terms only grows."""
+    drop = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1) <= 1 - top_p
+    drop = drop.at[..., -1].set(False)
+    first = jnp.argmin(drop, axis=-1)[..., None]
+    return jnp.take_along_axis(srt, first, -1), jnp.take_along_axis(order, first, -1)
 
 
 def draw(key: jax.Array, logits_lV: jnp.ndarray) -> jnp.ndarray:

@@ -65,8 +65,9 @@ class SelfAttention(nn.Module):
 
     With `cache_at` (the sampler, one scale at a time) x_BLC holds the l tokens of one scale,
     starting at sequence position `cache_at`; their keys and values are written into the
-    preallocated (B, L, H, c) `cache` variables and they attend to every cached position
-    before cache_at + l, which is the block-causal rule, so no mask is needed.
+    preallocated, full-length `cache` variables and they attend to every cached position
+    before cache_at + l, which is the block-causal rule, so no mask is needed (layouts:
+    docs/design.md).
     """
 
     config: VARConfig
@@ -97,16 +98,14 @@ class SelfAttention(nn.Module):
         else:
             scale = 0.25 / np.sqrt(hd)
         if cache_at is not None:
-            k, v = self._cached(k, v, cache_at)
-            mask_LL = None
-        if self.attention in ("fused", "cudnn"):
+            out = self._attend_cached(q, k, v, cache_at, scale).reshape(B, L, C)
+        elif self.attention in ("fused", "cudnn"):
             out = jax.nn.dot_product_attention(
-                q, k, v, mask=None if mask_LL is None else mask_LL[None, None], scale=scale,
+                q, k, v, mask=mask_LL[None, None], scale=scale,
                 implementation="cudnn" if self.attention == "cudnn" else None).reshape(B, L, C)
         else:
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
-            if mask_LL is not None:
-                logits = jnp.where(mask_LL, logits, -jnp.inf)
+            logits = jnp.where(mask_LL, logits, -jnp.inf)
             attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(B, L, C)
         out = _dense(C, self.dtype, name="proj")(out)
@@ -115,15 +114,28 @@ class SelfAttention(nn.Module):
         tap(self, self.taps, "attn.proj", out, c.patch_nums, self.block)
         return out
 
-    def _cached(self, k_BlHc, v_BlHc, start: int):
-        """Write one scale's keys and values at `start`; return the cache up to its end."""
-        B, l = k_BlHc.shape[:2]
-        shape = (B, self.config.seq_len) + k_BlHc.shape[2:]
-        ck = self.variable(CACHE, "k", jnp.zeros, shape, k_BlHc.dtype)
-        cv = self.variable(CACHE, "v", jnp.zeros, shape, v_BlHc.dtype)
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BlHc, (0, start, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BlHc, (0, start, 0, 0))
-        return ck.value[:, :start + l], cv.value[:, :start + l]
+    def _attend_cached(self, q_BlHc, k_BlHc, v_BlHc, start: int, scale: float) -> jnp.ndarray:
+        """One scale's attention through the cache: write its keys and values at `start`,
+        attend to every cached position before start + l. Returns (B, l, H, c)."""
+        B, l, H, hd = q_BlHc.shape
+        end, L = start + l, self.config.seq_len
+        put = jax.lax.dynamic_update_slice
+        if self.attention == "einsum":
+            # Keys as (B, H, c, L) and values as (B, H, L, c): the layouts the two products
+            # read, so the cache is written in place and never transposed.
+            ck = self.variable(CACHE, "k", jnp.zeros, (B, H, hd, L), k_BlHc.dtype)
+            cv = self.variable(CACHE, "v", jnp.zeros, (B, H, L, hd), v_BlHc.dtype)
+            ck.value = put(ck.value, jnp.transpose(k_BlHc, (0, 2, 3, 1)), (0, 0, 0, start))
+            cv.value = put(cv.value, jnp.transpose(v_BlHc, (0, 2, 1, 3)), (0, 0, start, 0))
+            logits = jnp.einsum("bqhc,bhck->bhqk", q_BlHc, ck.value[..., :end]).astype(jnp.float32) * scale
+            attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            return jnp.einsum("bhqk,bhkc->bqhc", attn, cv.value[:, :, :end])
+        ck = self.variable(CACHE, "k", jnp.zeros, (B, L, H, hd), k_BlHc.dtype)
+        cv = self.variable(CACHE, "v", jnp.zeros, (B, L, H, hd), v_BlHc.dtype)
+        ck.value = put(ck.value, k_BlHc, (0, start, 0, 0))
+        cv.value = put(cv.value, v_BlHc, (0, start, 0, 0))
+        return jax.nn.dot_product_attention(q_BlHc, ck.value[:, :end], cv.value[:, :end], scale=scale,
+                                            implementation="cudnn" if self.attention == "cudnn" else None)
 
 
 def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
