@@ -193,6 +193,10 @@ def test_model_generate_api(micro_model):
     forced = micro_model.generate(labels, seed=9, prefix=tokens)
     for a, b in zip(tokens, forced):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # bfloat16 (the transformer) runs and mostly agrees with float32 greedy decoding
+    greedy = np.concatenate([np.asarray(t) for t in micro_model.generate(labels, top_k=1)], 1)
+    bf16 = np.concatenate([np.asarray(t) for t in micro_model.generate(labels, top_k=1, precision="bf16")], 1)
+    assert bf16.shape == greedy.shape and (bf16[:, :5] == greedy[:, :5]).mean() > 0.5
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -13,8 +13,8 @@ or 8 on 1 or 4 devices gives the same images.
 
 Layout (docs/design.md, "Sampler"): with CFG the transformer runs R = 2B rows, conditional and
 null-class rows interleaved (row 2i is sample i, row 2i + 1 its unconditional twin), so each
-device holds both halves of its own samples; the cache holds (R, L, H, c) keys and values per
-block, preallocated, scale s written at its sequence offset. The K scales are unrolled at
+device holds both halves of its own samples; the cache holds every block's keys and values
+for all L positions, preallocated, scale s written at its sequence offset. The K scales are unrolled at
 trace time (each has its own token count, so every shape is static).
 
 Shape letters: B images, R transformer rows, L tokens of all scales, l of one scale, V
