@@ -1,20 +1,17 @@
-"""Tests of experiments/analyze.py (with figures.py and report.py) on hand-written run dirs."""
+"""Tests of varjax.analysis (rundir, compute, figures, report) on hand-written run dirs."""
 
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-try:
-    from experiments import analyze as A
-except ImportError:  # the checkout is not on sys.path (varjax not installed)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments import analyze as A
+from experiments import analyze as analyze_cli
+from varjax import analysis as A
+from varjax.analysis import report as report_lib
 from varjax import unitmem
 
 N_PERM = 200  # enough to exercise the test; the default 10,000 is for real runs
@@ -26,7 +23,7 @@ STUDY_FIGURES = ["fig1_u10_per_block", "fig2_mean_unitmem_per_block", "fig3_u10_
 @pytest.fixture
 def no_png(monkeypatch):
     """Skips rendering PNGs (the slow part) in tests about numbers, not figures."""
-    monkeypatch.setattr(A, "_save_figure", lambda fig, path: None)
+    monkeypatch.setattr(A.F, "save", lambda fig, path: None)
 
 
 def _units(n_blocks: int, c: int) -> list[tuple[int, str, int]]:
@@ -152,11 +149,11 @@ def test_stats_npz_run_with_val_matches_matrix_run(tmp_path):
         f.write("sample,loss,acc\n" + "".join(f"{i},{5 - 0.1 * k},0.5\n" for k, i in enumerate(ids)))
     (npz_dir / "run.json").write_text(json.dumps({"precision": "float32", "config": {"depth": 4}}))
     a = A.analyze(npz_dir, n_permutations=N_PERM)
-    A._save_figure, real_save = (lambda fig, path: None), A._save_figure  # numbers only
+    A.F.save, real_save = (lambda fig, path: None), A.F.save  # numbers only
     try:
         b = A.analyze(mat_dir, n_permutations=N_PERM)
     finally:
-        A._save_figure = real_save
+        A.F.save = real_save
     for key in ("u10_count", "p90", "samples_with_memunits_frac", "top5pct_coverage", "n_samples"):
         assert a[key] == pytest.approx(b[key]), key
     assert a["stats_source"] == "stats_npz" and a["variants_available"] == ["mean"]
@@ -221,7 +218,7 @@ def test_crash_while_rendering_leaves_no_report(tmp_path, monkeypatch, no_png):
     def boom(*args, **kwargs):
         raise RuntimeError("crash while rendering")
 
-    monkeypatch.setattr(A.report, "render_markdown", boom)
+    monkeypatch.setattr(report_lib, "render_markdown", boom)
     with pytest.raises(RuntimeError):
         A.analyze(tmp_path, n_permutations=N_PERM)
     assert not (tmp_path / "report.md").exists()
@@ -234,7 +231,7 @@ def test_bad_inputs(tmp_path, capsys, no_png):
         A.analyze(tmp_path)
     (tmp_path / "elsewhere.csv").rename(tmp_path / "samples.csv")
     np.save(tmp_path / "activations.npy", np.ones((20, 11), np.float32))
-    assert A.main([str(tmp_path)]) == 2
+    assert analyze_cli.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: activations.npy has shape (20, 11)") and "\n" not in err
     (tmp_path / "activations.npy").unlink()

@@ -1,28 +1,30 @@
 """Tests of the planted-memorization pieces: the source, the training step, the shipped model,
-the canary analysis (experiments/planted.py) and its report section."""
+the canary analysis (varjax/analysis/planted.py) and its report section."""
 
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 
-try:
-    from experiments import analyze as A
-except ImportError:  # the checkout is not on sys.path (varjax not installed)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments import analyze as A
-from experiments import planted as P
-from experiments import train_planted as T
+from varjax import analysis as A
+from varjax import train_planted as T
+from varjax.analysis.planted import FIGURE as PLANTED_FIGURE
+from varjax.study import record_planted
 from varjax.data import open_source, select
 from varjax.data.planted import (DUPLICATES, HELDOUT_PER_CLASS, PLANTED_CLASSES, SINGLES_PER_CLASS, PlantedSource,
                                  Role, default_checkpoint, generate, parse_role, training_list)
 
 N_PERM = 200  # exercises the permutation tests; real runs use 10,000
+
+
+def analyze_planted(run_dir, **kwargs):
+    """The planted tests of a run directory as planted.json holds them (None: not planted)."""
+    p = A.analyze_planted_run(run_dir, **kwargs)
+    return None if p is None else p.to_json()
 
 
 def test_source_is_deterministic_and_roles_parse():
@@ -147,9 +149,9 @@ def _planted_run(d: Path) -> list[str]:
 
 def test_analyze_planted_on_a_hand_made_run(tmp_path):
     _planted_run(tmp_path)
-    out = P.analyze_planted(tmp_path, checkpoint=tmp_path / "none", n_permutations=N_PERM)
+    out = analyze_planted(tmp_path, checkpoint=tmp_path / "none", n_permutations=N_PERM)
     assert json.loads((tmp_path / "planted.json").read_text()) == out
-    assert (tmp_path / P.FIGURE).is_file()
+    assert (tmp_path / PLANTED_FIGURE).is_file()
     g = out["groups"]
     assert {k: v["n"] for k, v in g.items()} == {"heldout": 6, "single": 10, "canary dup4": 2, "canary dup64": 2}
     assert g["canary dup64"]["training_copies"] == 64 and g["heldout"]["training_copies"] == 0
@@ -170,7 +172,7 @@ def test_analyze_planted_on_a_hand_made_run(tmp_path):
     A.analyze(tmp_path, n_permutations=N_PERM)  # the report picks up planted.json
     text = (tmp_path / "report.md").read_text()
     assert "## Planted memorization" in text and "`planted:canary/dup64/8`" in text
-    assert f"]({P.FIGURE})" in text
+    assert f"]({PLANTED_FIGURE})" in text
 
 
 def test_analyze_planted_ignores_other_runs_and_refuses_mixed_ones(tmp_path):
@@ -178,12 +180,12 @@ def test_analyze_planted_ignores_other_runs_and_refuses_mixed_ones(tmp_path):
 
     write_run(tmp_path / "demo", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
               sources=[f"demo/train/{i}.png" for i in range(6)])
-    assert P.analyze_planted(tmp_path / "demo") is None
+    assert analyze_planted(tmp_path / "demo") is None
     assert not (tmp_path / "demo" / "planted.json").exists()
     write_run(tmp_path / "mixed", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
               sources=["planted:single/0", "planted:single/1"] + [f"demo/train/{i}.png" for i in range(4)])
     with pytest.raises(A.AnalysisError, match="mixes planted and other sources"):
-        P.analyze_planted(tmp_path / "mixed")
+        analyze_planted(tmp_path / "mixed")
 
 
 # -- Sensitivity of the pipeline on the shipped model ------------------------------------------
@@ -201,8 +203,8 @@ HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183,
 def shipped_run(tmp_path_factory):
     """The default run's recording (8 random views, crop seed 0) of the shipped model."""
     out = tmp_path_factory.mktemp("planted_run")
-    P.record_planted(default_checkpoint(), out)
-    return out, P.analyze_planted(out, checkpoint=default_checkpoint(), n_permutations=N_PERM)
+    record_planted(default_checkpoint(), out)
+    return out, analyze_planted(out, checkpoint=default_checkpoint(), n_permutations=N_PERM)
 
 
 def test_pipeline_finds_the_planted_canaries(shipped_run):
