@@ -64,6 +64,13 @@ def _quiet_absl():
         absl.setLevel(level)
 
 
+def _not_prepared(spec: str, builder) -> DataError:
+    where = getattr(builder, "data_path", builder.data_dir)
+    return DataError(f"tfds dataset {spec} is not prepared: nothing in {where} (pass --data-dir if it is "
+                     "elsewhere, or --data /path/to/ImageFolder); to prepare it, see "
+                     "`python -c 'import varjax.data as d; print(d.IMAGENET_HOWTO)'`")
+
+
 class TfdsReader:
     """Fetches the encoded image bytes of (tfds split, record); pickles into grain workers."""
 
@@ -109,28 +116,28 @@ class TfdsSource(ImageSource):
             raise DataError(f"tfds cannot open '{spec}': {_first_line(e)}") from None
         self.tfds_name = builder.name
         self.version = str(builder.version)
-        with _quiet_absl():
-            prepared = builder.is_prepared()
-        if not prepared:
-            where = builder.data_path if hasattr(builder, "data_path") else builder.data_dir
-            raise DataError(f"tfds dataset {spec} is not prepared: nothing in {where} (pass --data-dir if it "
-                            "is elsewhere, or --data /path/to/ImageFolder); to prepare it, see "
-                            "`python -c 'import varjax.data as d; print(d.IMAGENET_HOWTO)'`")
         try:
-            by_tfds_split = tfds.data_source(
-                spec, split=None, data_dir=data_dir, download=False,
-                decoders={"image": tfds.decode.SkipDecoding()})
+            with _quiet_absl():
+                by_tfds_split = tfds.data_source(
+                    spec, split=None, data_dir=data_dir, download=False,
+                    decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:
-            if builder.is_prepared():
+            with _quiet_absl():
+                prepared = builder.is_prepared()
+            if prepared:
                 raise DataError(f"{spec} in {builder.data_dir} cannot be read without TensorFlow"
                                 f" ({_first_line(e)}); rebuild it with "
                                 "--file_format=array_record") from None
-            raise DataError(f"tfds dataset {spec} is not prepared in {builder.data_dir}; see "
-                            "varjax.data.IMAGENET_HOWTO") from None
+            raise _not_prepared(spec, builder) from None
         self.data_sources = {s: by_tfds_split[t] for s, t in _TFDS_SPLITS.items()
                              if t in by_tfds_split}
         self.splits = tuple(self.data_sources)
         if not self.splits:
+            # tfds answers an unprepared dataset with no splits rather than an error.
+            with _quiet_absl():
+                prepared = builder.is_prepared()
+            if not prepared:
+                raise _not_prepared(spec, builder)
             raise DataError(f"tfds dataset {spec} has neither a train nor a validation split")
         self.num_classes = int(builder.info.features["label"].num_classes)
         self.index_dir = os.path.expanduser(index_dir or DEFAULT_INDEX_DIR)
