@@ -129,11 +129,38 @@ def test_skipped_samples_are_left_out(tmp_path, no_png):
 
 
 def test_median_variant(tmp_path, no_png):
-    hand_run(tmp_path)
+    """5 samples (ids 100-104) x 12 units where the median and the mean of the others differ.
+
+    Units with a profile (the other 9 are 1 on every sample: UnitMem 0 in both variants):
+      unit 0 (block 0 attn.proj): 3 on id 102, others 0.5      -> mean = median = 0.5: 5/7
+      unit 7 (block 1 fc1):       4 on id 101, others 0.2      -> 3.8/4.2 = 19/21 in both
+      unit 11 (block 1 fc2):      3 on id 104, others 0,0,0,2.8 -> mean 0.7: 2.3/3.7 = 23/37;
+                                                                   median 0: 1
+    Mean: sorted tail 23/37, 5/7, 19/21 -> P90 = 23/37 + 0.9 (5/7 - 23/37), U10 = {0, 7}.
+    Median: tail 5/7, 19/21, 1 -> P90 = 5/7 + 0.9 (19/21 - 5/7), U10 = {7, 11}.
+    """
+    acts = np.ones((5, 12), np.float32)
+    acts[:, 0] = [0.5, 0.5, 3, 0.5, 0.5]
+    acts[:, 7] = [0.2, 4, 0.2, 0.2, 0.2]
+    acts[:, 11] = [0, 0, 0, 2.8, 3]
+    write_run(tmp_path, acts, ["train"] * 5, _units(2, 1))
+    mean_p90, median_p90 = 23 / 37 + 0.9 * (5 / 7 - 23 / 37), 5 / 7 + 0.9 * (19 / 21 - 5 / 7)
+
     s = A.analyze(tmp_path, variant="median", n_permutations=N_PERM)
     assert s["variant"] == "median" and s["u10_count"] == 2
-    assert s["other_variant"]["variant"] == "mean"
+    assert s["p90"] == pytest.approx(median_p90)
+    assert s["unitmem"]["max"] == pytest.approx(1.0) and s["unitmem"]["mean"] == pytest.approx((5 / 7 + 19 / 21 + 1) / 12)
+    assert {k: v["u10_count"] for k, v in s["per_site"].items()} == {"attn.proj": 0, "ffn.fc1": 1, "ffn.fc2": 1}
+    assert [t["sample"] for t in s["top_samples"][:3]] == [101, 104, 100]  # NumMemUnits 1, 1, 0
+    o = s["other_variant"]
+    assert o["variant"] == "mean" and o["p90"] == pytest.approx(mean_p90) and o["u10_count"] == 2
+    assert o["u10_jaccard_with_main"] == pytest.approx(1 / 3)  # {0, 7} vs {7, 11}
     assert "median of the other N-1" in (tmp_path / "report.md").read_text()
+
+    m = A.analyze(tmp_path, n_permutations=N_PERM)  # the mean variant, the other way round
+    assert m["p90"] == pytest.approx(mean_p90) and m["other_variant"]["p90"] == pytest.approx(median_p90)
+    assert {k: v["u10_count"] for k, v in m["per_site"].items()} == {"attn.proj": 1, "ffn.fc1": 1, "ffn.fc2": 0}
+    assert [t["sample"] for t in m["top_samples"][:2]] == [101, 102]
 
 
 def test_stats_npz_run_with_val_matches_matrix_run(tmp_path):

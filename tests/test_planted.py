@@ -192,11 +192,51 @@ def test_analyze_planted_ignores_other_runs_and_refuses_mixed_ones(tmp_path):
 # Margins that held for every training seed tried (0-3, data seed 0, 8 views, crop seed 0;
 # measured values in brackets, seed 0 = the shipped model first). Each is looser than the worst
 # seed, so the test guards the pipeline (recording, statistics, ids, loss), not one seed's luck.
+# The NumMemUnits brackets predate the 2026-12-01 attn.proj fix (seed 0's values now: SEED0).
 NMU_AUC_MIN = 0.6  # canaries vs singletons, NumMemUnits over U10(D_all) [0.643, 0.764, 0.688, 0.825]
 NMU_P_MAX = 0.05  # its two-sided Mann-Whitney p [0.016, 7e-5, 0.0016, 5e-8]
 DUP64_RATIO_MIN = 5.0  # dup64 canaries' mean NumMemUnits / singletons' [17.6, 10.4, 11.1, 14.2]
 LOSS_AUC_MAX = 0.1  # canaries vs singletons, loss: P(canary's > singleton's) [0.024, 0.043, 0.048, 0.053]
 HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183, 0.211]
+# Every 64-fold canary is fitted better than every singleton [gap >= 1.35 nats in all seeds].
+LOSS_GAP_MIN = 0.0
+
+# Seed 0's own values (the shipped model, 8 views, crop seed 0), measured on this CPU with
+# `pytest tests/test_planted.py -s -k finds` (the test prints them): identical at 16 and 8
+# images per step. The tolerances absorb another machine's rounding, which can move a few
+# near-tied argmaxes (one canary-singleton pair of 1,920 moves an AUC by 0.0005), not a
+# change of what is recorded (the attn.proj fix moved the first three by 0.017, x0.23, +15%).
+SEED0 = {"nmu_auc": 0.6596, "nmu_p": 0.00366, "dup64_ratio": 20.29, "loss_auc": 0.02448,
+         "heldout_loss_auc": 0.2174, "loss_gap": 3.007}
+SEED0_AUC_ATOL = 0.01  # nmu_auc, loss_auc, heldout_loss_auc
+SEED0_P_FACTOR = 2.0  # nmu_p within a factor of 2
+SEED0_RATIO_RTOL = 0.1  # dup64_ratio
+SEED0_GAP_ATOL = 0.01  # loss_gap, nats
+
+
+def canary_numbers(run_dir: Path, result: dict) -> dict[str, float]:
+    """What the margins bound, from a planted run's planted.json content and per_sample.csv."""
+    t, g = result["tests"], result["groups"]
+    with open(run_dir / "samples.csv", newline="") as f:
+        role = {r["sample"]: parse_role(r["source"]) for r in csv.DictReader(f)}
+    with open(run_dir / "per_sample.csv", newline="") as f:
+        loss = [(role[r["sample"]], float(r["loss"])) for r in csv.DictReader(f)]
+    dup64 = [x for r, x in loss if r.kind == "canary" and r.dup == 64]
+    assert len(dup64) == 4
+    return {"nmu_auc": t["nmu_u10"]["canary vs single"]["auc"],
+            "nmu_p": t["nmu_u10"]["canary vs single"]["p_mannwhitney"],
+            "dup64_ratio": g["canary dup64"]["nmu_u10"]["mean"] / g["single"]["nmu_u10"]["mean"],
+            "loss_auc": t["loss"]["canary vs single"]["auc"],
+            "heldout_loss_auc": t["loss"]["single vs heldout"]["auc"],
+            "loss_gap": min(x for r, x in loss if r.kind == "single") - max(dup64)}
+
+
+def assert_canaries_found(n: dict[str, float]) -> None:
+    """The pipeline singles out the canaries: every margin above holds."""
+    assert n["nmu_auc"] > NMU_AUC_MIN and n["nmu_p"] < NMU_P_MAX, n
+    assert n["dup64_ratio"] > DUP64_RATIO_MIN, n
+    assert n["loss_auc"] < LOSS_AUC_MAX and n["heldout_loss_auc"] < HELDOUT_LOSS_AUC_MAX, n
+    assert n["loss_gap"] > LOSS_GAP_MIN, n
 
 
 @pytest.fixture(scope="module")
@@ -209,18 +249,13 @@ def shipped_run(tmp_path_factory):
 
 def test_pipeline_finds_the_planted_canaries(shipped_run):
     run_dir, result = shipped_run
-    t, g = result["tests"], result["groups"]
-    nmu = t["nmu_u10"]["canary vs single"]
-    assert nmu["auc"] > NMU_AUC_MIN and nmu["p_mannwhitney"] < NMU_P_MAX, nmu
-    assert g["canary dup64"]["nmu_u10"]["mean"] > DUP64_RATIO_MIN * g["single"]["nmu_u10"]["mean"]
-    assert t["loss"]["canary vs single"]["auc"] < LOSS_AUC_MAX
-    assert t["loss"]["single vs heldout"]["auc"] < HELDOUT_LOSS_AUC_MAX
-    # Every 64-fold canary is fitted better than every singleton [gap >= 1.35 nats in all seeds].
-    with open(run_dir / "samples.csv", newline="") as f:
-        role = {r["sample"]: parse_role(r["source"]) for r in csv.DictReader(f)}
-    with open(run_dir / "per_sample.csv", newline="") as f:
-        loss = [(role[r["sample"]], float(r["loss"])) for r in csv.DictReader(f)]
-    dup64 = [x for r, x in loss if r.kind == "canary" and r.dup == 64]
-    assert len(dup64) == 4 and max(dup64) < min(x for r, x in loss if r.kind == "single")
+    n = canary_numbers(run_dir, result)
+    print("\nseed 0: " + ", ".join(f"{k} {v:.4g}" for k, v in n.items()))
+    assert_canaries_found(n)
+    for key in ("nmu_auc", "loss_auc", "heldout_loss_auc"):
+        assert n[key] == pytest.approx(SEED0[key], abs=SEED0_AUC_ATOL), key
+    assert SEED0["nmu_p"] / SEED0_P_FACTOR < n["nmu_p"] < SEED0["nmu_p"] * SEED0_P_FACTOR, n["nmu_p"]
+    assert n["dup64_ratio"] == pytest.approx(SEED0["dup64_ratio"], rel=SEED0_RATIO_RTOL)
+    assert n["loss_gap"] == pytest.approx(SEED0["loss_gap"], abs=SEED0_GAP_ATOL)
     assert result["model"]["params_sha256"] == json.loads(
         (default_checkpoint() / "planted.json").read_text())["params_sha256"]

@@ -243,17 +243,25 @@ def test_loss_correlation():
 
 
 def test_per_scale_view():
+    # K = 2 scales x 12 units (_layout), N = 3; each unit's stats built from the UnitMem it should
+    # have: max m = 2 and mean of the others r = m (1 - UM) / (1 + UM), so sum = m + 2 r.
     lay = _layout()
-    rng = np.random.default_rng(2)
-    acts = rng.random((2, 5, 12))  # K=2 scales, N=5, U=12
-    ids = np.arange(5)
-    per = [um_lib.stats_from_matrix(acts[k], ids) for k in range(2)]
-    stacked = um_lib.UnitStats(np.stack([p.max for p in per]), np.stack([p.argmax for p in per]),
-                               np.stack([p.sum for p in per]), 5)
-    v = um_lib.per_scale_view(stacked, lay, 90, overall_mask=np.ones(12, bool))
-    for k in range(2):
-        np.testing.assert_allclose(v.um[k], um_lib.unitmem_mean(per[k]))
-        assert v.threshold[k] == pytest.approx(np.percentile(v.um[k], 90))
-        assert v.u10[k].sum() == (v.um[k] >= v.threshold[k]).sum()
-    assert v.u10.shape == (2, 3) and v.mean.shape == (2, 3)
-    np.testing.assert_allclose(v.overlap, [1.0, 1.0])
+    um = np.zeros((2, 12))
+    um[0, [0, 5, 11]] = [0.9, 0.5, 0.8]
+    um[1, [1, 2, 10]] = [0.6, 0.6, 0.2]
+    m = np.full((2, 12), 2.0)
+    stats = um_lib.UnitStats(m, np.zeros((2, 12), np.int64), m + 2 * m * (1 - um) / (1 + um), 3)
+    overall = np.zeros(12, bool)
+    overall[[0, 1, 2, 7]] = True  # a partial U10 of the all-token UnitMem
+    v = um_lib.per_scale_view(stats, lay, 90, overall_mask=overall)
+    np.testing.assert_allclose(v.um, um, atol=1e-12)
+    # Sorted, 12 values: position 0.9 * 11 = 9.9 -> s_9 + 0.9 (s_10 - s_9).
+    #   scale 0: nine 0s, 0.5, 0.8, 0.9 -> 0.5 + 0.9 * 0.3 = 0.77: U = {0 (attn.proj), 11 (fc2)}
+    #   scale 1: nine 0s, 0.2, 0.6, 0.6 -> 0.2 + 0.9 * 0.4 = 0.56: U = {1, 2} (fc1)
+    np.testing.assert_allclose(v.threshold, [0.77, 0.56])
+    np.testing.assert_array_equal(v.u10, [[1, 0, 1], [0, 2, 0]])  # per (attn.proj, ffn.fc1, ffn.fc2)
+    # Mean per site: attn.proj units 0 and 6, fc1 units 1-4 and 7-10, fc2 units 5 and 11.
+    np.testing.assert_allclose(v.mean, [[0.45, 0.0, 0.65], [0.0, 1.4 / 8, 0.0]])
+    # Scale 0's U: {0, 11}, of which 0 is in the overall U10; scale 1's {1, 2}: both are.
+    np.testing.assert_allclose(v.overlap, [0.5, 1.0])
+    assert um_lib.per_scale_view(stats, lay, 90).overlap is None

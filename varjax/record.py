@@ -154,6 +154,9 @@ class Options:
     attention: str = "einsum"
 
     def __post_init__(self):
+        for name in ("batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:  # 0 would divide by zero half-way, after the run dir exists
+                raise RecordError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise RecordError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTION:
