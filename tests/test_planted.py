@@ -10,13 +10,24 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.conftest import assert_canaries_found, canary_numbers, unit_rows, write_run
 from varjax import analysis as A
 from varjax import train_planted as T
 from varjax.analysis.planted import FIGURE as PLANTED_FIGURE
-from varjax.study import record_planted
 from varjax.data import open_source, select
-from varjax.data.planted import (DUPLICATES, HELDOUT_PER_CLASS, PLANTED_CLASSES, SINGLES_PER_CLASS, PlantedSource,
-                                 Role, default_checkpoint, generate, parse_role, training_list)
+from varjax.data.planted import (
+    DUPLICATES,
+    HELDOUT_PER_CLASS,
+    PLANTED_CLASSES,
+    SINGLES_PER_CLASS,
+    PlantedSource,
+    Role,
+    default_checkpoint,
+    generate,
+    parse_role,
+    training_list,
+)
+from varjax.study import record_planted
 
 N_PERM = 200  # exercises the permutation tests; real runs use 10,000
 
@@ -120,8 +131,6 @@ def _planted_run(d: Path) -> list[str]:
     largest spikes, so U10 = units 0 and 1 both point at it), canary dup64/9 on units 4-6,
     canary dup4/0 on unit 7, singletons 0-3 a little on units 8-11. Loss: canaries 1, singletons 2, held-out 3 (+ noise).
     """
-    from tests.test_analyze import _units, write_run
-
     sources = (["planted:canary/dup64/8", "planted:canary/dup64/9", "planted:canary/dup4/0", "planted:canary/dup4/1"]
                + [f"planted:single/{i}" for i in range(10)] + [f"planted:heldout/{i}" for i in range(6)])
     order = np.random.default_rng(1).permutation(len(sources))  # roles mixed in sample-id order
@@ -137,7 +146,7 @@ def _planted_run(d: Path) -> list[str]:
                                      ("planted:canary/dup64/9", 3), ("planted:canary/dup4/0", 3)]
                                     + [(f"planted:single/{i}", 1.5) for i in range(4)]):
         acts[row[src], unit] = v
-    ids = write_run(d, acts, splits, _units(2, 1), npz=True, sources=sources)
+    ids = write_run(d, acts, splits, unit_rows(2, 1), npz=True, sources=sources)
     loss = np.array([{"canary": 1.0, "single": 2.0, "heldout": 3.0}[parse_role(s).kind] for s in sources])
     loss = loss + 0.1 * rng.random(n)
     with open(d / "per_sample.csv", "w", newline="") as f:
@@ -176,31 +185,17 @@ def test_analyze_planted_on_a_hand_made_run(tmp_path):
 
 
 def test_analyze_planted_ignores_other_runs_and_refuses_mixed_ones(tmp_path):
-    from tests.test_analyze import _units, write_run
-
-    write_run(tmp_path / "demo", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
+    write_run(tmp_path / "demo", np.ones((6, 12), np.float32), ["train"] * 6, unit_rows(2, 1), npz=True,
               sources=[f"demo/train/{i}.png" for i in range(6)])
     assert analyze_planted(tmp_path / "demo") is None
     assert not (tmp_path / "demo" / "planted.json").exists()
-    write_run(tmp_path / "mixed", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
+    write_run(tmp_path / "mixed", np.ones((6, 12), np.float32), ["train"] * 6, unit_rows(2, 1), npz=True,
               sources=["planted:single/0", "planted:single/1"] + [f"demo/train/{i}.png" for i in range(4)])
     with pytest.raises(A.AnalysisError, match="mixes planted and other sources"):
         analyze_planted(tmp_path / "mixed")
 
 
-# -- Sensitivity of the pipeline on the shipped model ------------------------------------------
-# Margins that held for every training seed tried (0-3, data seed 0, 8 views, crop seed 0;
-# measured values in brackets, seed 0 = the shipped model first). Each is looser than the worst
-# seed, so the test guards the pipeline (recording, statistics, ids, loss), not one seed's luck.
-# The NumMemUnits brackets predate the 2026-12-01 attn.proj fix (seed 0's values now: SEED0).
-NMU_AUC_MIN = 0.6  # canaries vs singletons, NumMemUnits over U10(D_all) [0.643, 0.764, 0.688, 0.825]
-NMU_P_MAX = 0.05  # its two-sided Mann-Whitney p [0.016, 7e-5, 0.0016, 5e-8]
-DUP64_RATIO_MIN = 5.0  # dup64 canaries' mean NumMemUnits / singletons' [17.6, 10.4, 11.1, 14.2]
-LOSS_AUC_MAX = 0.1  # canaries vs singletons, loss: P(canary's > singleton's) [0.024, 0.043, 0.048, 0.053]
-HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183, 0.211]
-# Every 64-fold canary is fitted better than every singleton [gap >= 1.35 nats in all seeds].
-LOSS_GAP_MIN = 0.0
-
+# -- Sensitivity of the pipeline on the shipped model (margins: tests/conftest.py) ---------------
 # Seed 0's own values (the shipped model, 8 views, crop seed 0), measured on this CPU with
 # `pytest tests/test_planted.py -s -k finds` (the test prints them): identical at 16 and 8
 # images per step. The tolerances absorb another machine's rounding, which can move a few
@@ -212,31 +207,6 @@ SEED0_AUC_ATOL = 0.01  # nmu_auc, loss_auc, heldout_loss_auc
 SEED0_P_FACTOR = 2.0  # nmu_p within a factor of 2
 SEED0_RATIO_RTOL = 0.1  # dup64_ratio
 SEED0_GAP_ATOL = 0.01  # loss_gap, nats
-
-
-def canary_numbers(run_dir: Path, result: dict) -> dict[str, float]:
-    """What the margins bound, from a planted run's planted.json content and per_sample.csv."""
-    t, g = result["tests"], result["groups"]
-    with open(run_dir / "samples.csv", newline="") as f:
-        role = {r["sample"]: parse_role(r["source"]) for r in csv.DictReader(f)}
-    with open(run_dir / "per_sample.csv", newline="") as f:
-        loss = [(role[r["sample"]], float(r["loss"])) for r in csv.DictReader(f)]
-    dup64 = [x for r, x in loss if r.kind == "canary" and r.dup == 64]
-    assert len(dup64) == 4
-    return {"nmu_auc": t["nmu_u10"]["canary vs single"]["auc"],
-            "nmu_p": t["nmu_u10"]["canary vs single"]["p_mannwhitney"],
-            "dup64_ratio": g["canary dup64"]["nmu_u10"]["mean"] / g["single"]["nmu_u10"]["mean"],
-            "loss_auc": t["loss"]["canary vs single"]["auc"],
-            "heldout_loss_auc": t["loss"]["single vs heldout"]["auc"],
-            "loss_gap": min(x for r, x in loss if r.kind == "single") - max(dup64)}
-
-
-def assert_canaries_found(n: dict[str, float]) -> None:
-    """The pipeline singles out the canaries: every margin above holds."""
-    assert n["nmu_auc"] > NMU_AUC_MIN and n["nmu_p"] < NMU_P_MAX, n
-    assert n["dup64_ratio"] > DUP64_RATIO_MIN, n
-    assert n["loss_auc"] < LOSS_AUC_MAX and n["heldout_loss_auc"] < HELDOUT_LOSS_AUC_MAX, n
-    assert n["loss_gap"] > LOSS_GAP_MIN, n
 
 
 @pytest.fixture(scope="module")
