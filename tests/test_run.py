@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import run
-from tests.test_planted import assert_canaries_found, canary_numbers
+from tests.conftest import assert_canaries_found, canary_numbers
 from varjax.data.planted import default_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

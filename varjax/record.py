@@ -2,7 +2,7 @@
 
 For every sample x and recorded unit u: mu_u(x) = mean over the A augmented views of x of
 (the mean over tokens of |activation_u|), the model run teacher-forced as in training (the
-study's method, shared/spec/unitmem.md). One compiled step tokenizes the views, builds the
+study's method, docs/unitmem.md). One compiled step tokenizes the views, builds the
 teacher-forcing input, runs the transformer, reduces the sown units and folds them into the
 streaming statistics of `varjax.stats`, all on the device; the batch is sharded over every
 device of every host, parameters are replicated. By-products of the same forward: per-sample
@@ -27,16 +27,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
+from varjax.errors import RecordError
 from varjax.model import Model
+from varjax.names import UnitLayout
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
 
 PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
 BF16_MODES = ("bf16", "bf16_full")
-
-
-class RecordError(RuntimeError):
-    """A problem with the run's inputs or its directory; the message is one line."""
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -168,11 +166,10 @@ class Options:
                               f"takes bf16/fp16), not {self.precision!r}")
 
 
-def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
-    """[(site name, block, site kind, units)] in unit-column order (docs/design.md)."""
+def unit_layout(model: Model) -> UnitLayout:
+    """The recorded units of `model`, in unit-column order (varjax.names)."""
     v = model.config.var
-    size = {"attn.proj": v.embed_dim, "ffn.fc1": v.mlp_dim, "ffn.fc2": v.embed_dim}
-    return [(f"blocks.{b}.{s}", b, s, size[s]) for b in range(v.depth) for s in UNIT_SITES]
+    return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, UNIT_SITES)
 
 
 @contextlib.contextmanager
@@ -207,7 +204,7 @@ def make_step(model: Model, num_views: int, opts: Options):
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
-    layout = unit_layout(model)
+    names = [name for name, *_ in unit_layout(model).segments()]
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
     var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
               dtype=jnp.bfloat16 if opts.precision in BF16_MODES else jnp.float32, attention=opts.attention)
@@ -227,12 +224,12 @@ def make_step(model: Model, num_views: int, opts: Options):
         with _precision(opts.precision, "var"):
             logits, taps = var.apply({"params": params["var"]}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
-        mu = jnp.concatenate([acts[name] for name, *_ in layout], axis=-1)  # (B*A, U)
+        mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*A, U)
         mu = mu.reshape(B, A, -1).mean(axis=1)
         scale_mu = None
         if opts.per_scale:
             s_acts = collect(taps[COLLECTION], "scale_mean_abs")
-            scale_mu = jnp.concatenate([s_acts[name] for name, *_ in layout], axis=-1)
+            scale_mu = jnp.concatenate([s_acts[name] for name in names], axis=-1)
             scale_mu = scale_mu.reshape((B, A) + scale_mu.shape[1:]).mean(axis=1)
 
         # Teacher-forced cross-entropy and top-1 accuracy per token, then per scale and sample.
