@@ -367,42 +367,6 @@ def top_units_of_block(um: np.ndarray, layout: UnitLayout, block: int,
     return units[np.argsort(-um[units], kind="stable")[:k]]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Diversity:
-    """Per block (blocks,): distinct argmax images and classes among its top-k units, and
-    `k` the number of units actually taken (fewer when a block has fewer)."""
-
-    blocks: np.ndarray
-    distinct_images: np.ndarray
-    distinct_classes: np.ndarray
-    k: np.ndarray
-
-
-def diversity_by_depth(um: np.ndarray, argmax: np.ndarray, layout: UnitLayout,
-                       label_of_unit: np.ndarray, site: int | None = None, k: int = 10) -> Diversity:
-    """How many distinct images and classes maximally activate each block's top-k units.
-
-    Args:
-      um: (U,) UnitMem.
-      argmax: (U,) sample id per unit.
-      layout: where each unit sits.
-      label_of_unit: (U,) class of each unit's argmax sample.
-      site: restrict to one site index, or None for all sites of the block.
-      k: units per block.
-
-    Returns:
-      Diversity.
-    """
-    blocks = layout.blocks
-    imgs, classes, ks = [], [], []
-    for b in blocks:
-        top = top_units_of_block(um, layout, int(b), site, k)
-        imgs.append(len(np.unique(argmax[top])))
-        classes.append(len(np.unique(label_of_unit[top])))
-        ks.append(len(top))
-    return Diversity(blocks, np.array(imgs), np.array(classes), np.array(ks))
-
-
 @dataclasses.dataclass(frozen=True)
 class SplitComparison:
     """NumMemUnits of the train vs the val samples: sums, per-sample means, their difference
