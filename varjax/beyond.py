@@ -400,6 +400,22 @@ def scale_depth_profile(scale_um_KU: np.ndarray, layout: UnitLayout, q: float = 
         seed=int(seed))
 
 
+def u10_centre(u10_BS: np.ndarray, blocks: np.ndarray, depth: int) -> np.ndarray:
+    """The U10 centre of mass of each site over depth: the mean relative depth (block / depth)
+    of its U10 units.
+
+    Args:
+      u10_BS: (B, sites) U10 units per block and site (a BlockSiteTable's `u10`).
+      blocks: (B,) block ids; depth: transformer blocks (a top site's block is depth: 1.0).
+
+    Returns:
+      (sites,) relative depth (NaN for a site without U10 units).
+    """
+    w = np.asarray(u10_BS, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.asarray(blocks, np.float64) / max(depth, 1)) @ w / w.sum(axis=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunOverlap:
     """Two runs over the same samples: how much their memorization agrees.

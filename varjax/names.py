@@ -172,6 +172,16 @@ class UnitLayout:
         """The first site whose name ends with `suffix` (e.g. "fc1"), or None."""
         return next((i for i, s in enumerate(self.sites) if s.endswith(suffix)), None)
 
+    def select(self, sites: tuple[str, ...]) -> tuple["UnitLayout", np.ndarray]:
+        """The layout of the units at `sites` alone (in this layout's order) and the (U,) bool
+        mask of those units."""
+        keep = [i for i, s in enumerate(self.sites) if s in sites]
+        mask = np.isin(self.site, keep)
+        remap = np.full(len(self.sites), -1, np.int64)
+        remap[keep] = np.arange(len(keep))
+        return (UnitLayout(self.block[mask], remap[self.site[mask]], tuple(self.sites[i] for i in keep),
+                           self.index[mask]), mask)
+
     def segments(self) -> Iterator[tuple[str, int, str, int]]:
         """(module path, block, site, units) of each contiguous run of units, in column order."""
         start = 0

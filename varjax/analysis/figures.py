@@ -442,3 +442,78 @@ def planted_separation(names: list[str], group: np.ndarray, metrics: list[tuple[
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Planted memorization: held-out, singletons, canaries by training copies", fontsize=10)
     return fig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunCurves:
+    """One run of a comparison: its label, block/site table, depth, coverage curve (x, y) and
+    diversity tests (one per site)."""
+
+    name: str
+    table: BlockSiteTable
+    depth: int
+    curve: tuple[np.ndarray, np.ndarray]
+    diversity: tuple[DiversityTest, ...]
+
+
+def compare_depth(runs: list[RunCurves], sites: tuple[str, ...]) -> Figure:
+    """Other depths: U10 share of each block's units (top row) and mean UnitMem (bottom) per
+    layer type against relative depth (block / depth), one line per run."""
+    fig = _figure(3.4 * len(sites), 6.0)
+    axes = fig.subplots(2, len(sites), squeeze=False)
+    for i, r in enumerate(runs):
+        x = r.table.blocks / max(r.depth, 1)
+        for s, site in enumerate(r.table.sites):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                share = r.table.u10[:, s] / r.table.n_units[:, s]
+            axes[0, s].plot(x, 100 * share, "o-", ms=3, color=f"C{i}", label=r.name)
+            axes[1, s].plot(x, r.table.mean[:, s], "o-", ms=3, color=f"C{i}", label=r.name)
+    for s, site in enumerate(sites):
+        axes[0, s].set_title(f"U10 share: {site}", fontsize=9)
+        axes[1, s].set_title(f"mean UnitMem: {site}", fontsize=9)
+        for ax in axes[:, s]:
+            ax.set_xlabel("relative depth (block / depth)")
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("% of the block's units in U10")
+    axes[1, 0].set_ylabel("mean UnitMem")
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def compare_coverage(runs: list[RunCurves]) -> Figure:
+    """Other depths: the coverage curves of the runs (share of U10 held by the top samples)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, r in enumerate(runs):
+        x, y = r.curve
+        ax.plot(100 * x, 100 * y, drawstyle="steps-post", color=f"C{i}", label=r.name)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(0, 100)
+    ticks = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("top % of samples (symlog scale)")
+    ax.set_ylabel("% of U10 units covered")
+    ax.set_title("Coverage of U10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def compare_diversity(runs: list[RunCurves], k: int) -> Figure:
+    """Other depths: entropy of the top-k units' argmax images per block against relative
+    depth, one panel per layer type, one line per run."""
+    sites = [d.site for d in runs[0].diversity]
+    fig = _figure(3.4 * len(sites), 3.6)
+    axes = fig.subplots(1, len(sites), squeeze=False)[0]
+    for i, r in enumerate(runs):
+        for ax, d in zip(axes, r.diversity):
+            ax.plot(d.relative_depth, d.image_entropy, "o-", ms=3, color=f"C{i}", label=r.name)
+    for ax, site in zip(axes, sites):
+        ax.set_title(f"{site}: top-{k} units' argmax images", fontsize=9)
+        ax.set_xlabel("relative depth (block / depth)")
+        ax.set_ylim(-0.1, np.log2(max(k, 2)) + 0.2)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("entropy (bits)")
+    axes[0].legend(fontsize=7)
+    return fig
