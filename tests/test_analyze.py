@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import analyze as analyze_cli
-from tests.conftest import unit_rows, write_run
+from tests.conftest import finish_run, unit_rows, write_run
 from varjax import analysis as A
 from varjax.analysis import report as report_lib
 
@@ -264,3 +264,31 @@ def test_npz_inconsistent_with_samples(tmp_path, no_png):
     np.savez(tmp_path / "stats_val.npz", **parts)
     with pytest.raises(A.AnalysisError, match="no 'val' samples"):
         A.analyze(tmp_path)
+
+
+def test_run_with_head_and_residual_sites(tmp_path, no_png):
+    """2 blocks x (fc1 4, resid 1) + head_nm 1 + head 3 at block 2 (= depth), 12 samples:
+    the top sites get their rows in every table, a relative depth of 1, no trend test of
+    their own and no place in the scale x depth profile (not in a block)."""
+    units = ([(b, f"blocks.{b}.ffn.fc1", i) for b in range(2) for i in range(4)]
+             + [(b, f"blocks.{b}", 0) for b in range(2)] + [(2, "head_nm", 0)] + [(2, "head", i) for i in range(3)])
+    acts = np.random.default_rng(0).gamma(2.0, 0.1, size=(12, len(units))).astype(np.float32)
+    acts[3, -3:] += 5  # the head's units memorize sample 103
+    write_run(tmp_path, acts, ["train"] * 12, units, npz=True, scales=3)
+    finish_run(tmp_path, sites=("ffn.fc1", "resid", "head_nm", "head"))
+    A.analyze(tmp_path, n_permutations=N_PERM)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["sites"] == ["ffn.fc1", "resid", "head_nm", "head"] and s["n_blocks"] == 3
+    assert s["per_site"]["head"]["n_units"] == 3 and s["per_site"]["head"]["u10_count"] >= 1
+    assert s["per_block"]["blocks"] == [0, 1, 2]
+    head = s["diversity"]["by_site"]["head"]
+    assert head["blocks"] == [2] and head["relative_depth"] == [1.0] and head["p_image_falls"] is None
+    assert s["diversity"]["by_site"]["all sites"]["blocks"] == [0, 1]
+    assert s["scale_depth"]["sites"] == ["ffn.fc1", "resid"] and len(s["scale_depth"]["u10_share"][0]) == 2
+    assert list(s["top_units"]) == ["0", "1"]  # item 8: the fc1 blocks, not the head's
+    report = (tmp_path / "report.md").read_text()
+    assert "| head | 3 |" in report and "head: no trend test (one block)." in report
+    # The run's own sites are checked: units.csv must hold what record.json recorded.
+    finish_run(tmp_path, sites=("ffn.fc1", "resid"))
+    with pytest.raises(A.AnalysisError, match="record.json recorded ffn.fc1, resid"):
+        A.analyze(tmp_path, n_permutations=N_PERM)
