@@ -40,6 +40,17 @@ def test_class_influence_by_hand():
     assert again.p_value == r.p_value  # a fixed seed: reproducible
 
 
+def test_class_influence_expects_each_class_by_its_size():
+    """Classes of 3 and 1 samples, NumMemUnits [2, 0, 0, 1]: E = 3 x [3/4, 1/4] = [2.25, 0.75],
+    O = [2, 1]: chi2 = 0.25^2 / 2.25 + 0.25^2 / 0.75 = 1/9, the least of the 4 equally likely
+    relabellings (class 1 = the sample with 2, 0, 0 or 1: chi2 25/9, 1, 1, 1/9): p = 1."""
+    r = beyond.class_influence(np.array([2, 0, 0, 1]), np.array([0, 0, 0, 1]), n_permutations=1000)
+    np.testing.assert_allclose(r.expected, [2.25, 0.75])
+    np.testing.assert_allclose(r.sample_share, [0.75, 0.25])
+    np.testing.assert_allclose(r.lift, [(2 / 3) / 0.75, (1 / 3) / 0.25])
+    assert r.chi2 == pytest.approx(1 / 9) and r.p_value == 1.0
+
+
 def test_class_influence_finds_the_class_that_stands_out():
     """40 samples, 4 classes of 10; every class-2 sample has 5 units, the others none.
 
