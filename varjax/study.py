@@ -267,12 +267,20 @@ def record_planted(checkpoint: Path, run_dir: Path, views: int = 8, seed: int = 
     from varjax.data import AugmentConfig, open_source, select, write_samples_csv
     from varjax.driver import record
     from varjax.record import Options, Plan
+    from varjax.runfiles import atomic_write_text
 
     model = varjax.load(checkpoint)
     source = open_source("planted")
     samples = select(source)
     plan = Plan.from_samples(source, samples, AugmentConfig(resolution=model.config.resolution, views=views),
                              seed=seed)
-    record(model, plan, run_dir, num_views=views,
-           opts=Options(batch_size=batch_size, save_activations=True, precision=precision))
+    opts = Options(batch_size=batch_size, save_activations=True, precision=precision)
+    info = record(model, plan, run_dir, num_views=views, opts=opts)
     write_samples_csv(str(Path(run_dir) / "samples.csv"), samples)
+    # The checkpoint by name: the planted analysis reads what was planted from it (a run that
+    # names none would be taken for the shipped model).
+    run_info = {"model": str(checkpoint), "checkpoint": str(Path(checkpoint).resolve()), "data": "planted",
+                "augs": views, "seed": seed, "precision": opts.precision, "batch_size": batch_size,
+                "n_images": len(samples), "skipped": info["skipped"], "patch_nums": list(model.config.patch_nums),
+                **versions()}
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(run_info, indent=1))
