@@ -148,7 +148,8 @@ def _scale_sentence(sd: ScaleDepthProfile) -> str:
     return (f"U10 centre of mass from {num(sd.centre[0], 3)} (coarsest scale) to {num(sd.centre[-1], 3)} (finest) "
             f"in relative depth; Spearman rho = {num(sd.rho, 3)}, slope {num(sd.slope, 3)} per scale step, "
             f"p(deeper) = {_p(sd.p_deeper)}, two-sided p = {_p(sd.p_two_sided)} ({how}; with {len(sd.centre)} "
-            f"scales no one-sided p is below {num(floor, 3)}): {verdict}.")
+            f"scales no one-sided p is below {num(floor, 3)}): {verdict}. The test takes the {len(sd.centre)} "
+            "centres as given: it asks whether their order follows the scales, not how precisely each is known.")
 
 
 def scale_depth_section(a: Analysis, fig) -> list[str]:
