@@ -37,7 +37,7 @@ from varjax.analysis.rundir import RunData, default_load_image, load_run
 from varjax.errors import AnalysisError
 
 __all__ = [
-    "Analysis", "AnalysisError", "CompareError", "Comparison", "DAllResult", "DatasetResult", "F", "PlantedAnalysis", "RunData",
-    "analyze", "analyze_planted", "analyze_planted_run", "compare", "compare_runs", "compute", "default_load_image", "figures", "load_run",
-    "planted_figure", "summary_text", "write_planted",
+    "Analysis", "AnalysisError", "CompareError", "Comparison", "DAllResult", "DatasetResult", "F", "PlantedAnalysis",
+    "RunData", "analyze", "analyze_planted", "analyze_planted_run", "compare", "compare_runs", "compute",
+    "default_load_image", "figures", "load_run", "planted_figure", "summary_text", "write_planted",
 ]

@@ -34,6 +34,7 @@ from varjax.analysis.compute import VARIANTS, DatasetResult, dataset_result
 from varjax.analysis.fmt import jsonable, num, pct, table, to_json
 from varjax.analysis.rundir import RunData, load_run
 from varjax.errors import AnalysisError
+from varjax.names import UnitLayout
 from varjax.runfiles import atomic_write_bytes
 
 
@@ -60,7 +61,7 @@ class RunEntry:
     depth: int
     precision: str | None
     data: RunData
-    layout: object
+    layout: UnitLayout
     units: np.ndarray
     dataset: DatasetResult
     argmax: np.ndarray
@@ -146,19 +147,25 @@ def _entry(name: str, data: RunData, sites: tuple[str, ...], variant: str, q: fl
                     sub.argmax, diversity, beyond.u10_centre(ds.table.u10, ds.table.blocks, int(depth)))
 
 
+def _positions(r: RunEntry) -> dict[tuple[int, str], int]:
+    """(sample id, source) -> position among the run's D' samples."""
+    rows = r.data.rows_of(r.data.primary)
+    return {(int(x), r.data.source[row]): p for p, (x, row) in enumerate(zip(r.dataset.ids, rows))}
+
+
 def _overlaps(runs: tuple[RunEntry, ...]) -> dict[tuple[str, str], beyond.RunOverlap]:
     """Every pair of runs that shares samples (same id and source)."""
     out = {}
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
-            key_a = {(int(x), a.data.source[r]): p for p, (x, r) in enumerate(zip(a.dataset.ids, a.data.rows_of(a.data.primary)))}
-            key_b = {(int(x), b.data.source[r]): p for p, (x, r) in enumerate(zip(b.dataset.ids, b.data.rows_of(b.data.primary)))}
+            key_a, key_b = _positions(a), _positions(b)
             common = sorted(set(key_a) & set(key_b))
             if len(common) < 2:
                 continue
             pa = np.array([key_a[k] for k in common])
             pb = np.array([key_b[k] for k in common])
-            same_units = all(np.array_equal(getattr(a.layout, f), getattr(b.layout, f)) for f in ("block", "site", "index"))
+            same_units = a.layout.sites == b.layout.sites and all(
+                np.array_equal(getattr(a.layout, f), getattr(b.layout, f)) for f in ("block", "site", "index"))
             masks = (a.dataset.mask, b.dataset.mask, a.argmax, b.argmax) if same_units else (None,) * 4
             out[(a.name, b.name)] = beyond.run_overlap(np.array([k[0] for k in common]), a.dataset.nmu[pa],
                                                         b.dataset.nmu[pb], *masks)
@@ -239,9 +246,11 @@ def render_markdown(c: Comparison, figures: dict[str, str]) -> str:
                    + [f"top {100 * t.fraction:g}%" for t in c.runs[0].dataset.coverage.top],
                    [[r.name, r.depth, r.precision or "n/a", num(len(r.dataset.ids)), num(r.layout.n_units),
                      num(r.dataset.threshold), num(r.dataset.u10_count),
-                     f"{pct(r.dataset.coverage.samples_with_memunits_frac)} ({r.dataset.coverage.samples_with_memunits})"]
+                     f"{pct(r.dataset.coverage.samples_with_memunits_frac)} "
+                     f"({r.dataset.coverage.samples_with_memunits})"]
                     + [pct(t.share) for t in r.dataset.coverage.top] for r in c.runs])
-    lines += ["", "## Where U10 sits over depth", "", "U10 centre of mass (mean relative depth of the U10 units) per layer type:", ""]
+    lines += ["", "## Where U10 sits over depth", "",
+              "U10 centre of mass (mean relative depth of the U10 units) per layer type:", ""]
     lines += table(["run"] + list(c.sites), [[r.name] + [num(x, 3) for x in r.centre] for r in c.runs])
     lines += [""] + fig("compare_depth", "U10 share and mean UnitMem against relative depth")
     lines += ["## Coverage", ""] + fig("compare_coverage", "coverage curves")

@@ -117,7 +117,8 @@ def diversity_section(a: Analysis, fig) -> list[str]:
                    [[t.site, num(t.image_slope, 3), _p(t.p_image_falls), _p(t.p_image_two_sided),
                      num(t.class_slope, 3), _p(t.p_class_falls), _p(t.p_class_two_sided)] for t in tests])
     for what in ("image", "class"):
-        lines += ["", f"Per block, {'images' if what == 'image' else 'classes'}: distinct / entropy in bits (null mean; p):", ""]
+        plural = "images" if what == "image" else "classes"
+        lines += ["", f"Per block, {plural}: distinct / entropy in bits (null mean; p):", ""]
         blocks = sorted({int(b) for t in tests for b in t.blocks})
 
         def cell(t: DiversityTest, b: int) -> str:
@@ -125,9 +126,9 @@ def diversity_section(a: Analysis, fig) -> list[str]:
             if not len(i):
                 return ""
             i = int(i[0])
-            return (f"{getattr(t, f'distinct_{what}s' if what == 'image' else 'distinct_classes')[i]} / "
-                    f"{num(getattr(t, f'{what}_entropy')[i], 3)} ({num(getattr(t, f'null_{what}_entropy')[i], 3)}; "
-                    f"{_p(getattr(t, f'p_{what}_low')[i])})")
+            distinct = t.distinct_images if what == "image" else t.distinct_classes
+            h, null, p = (getattr(t, f"{what}_entropy"), getattr(t, f"null_{what}_entropy"), getattr(t, f"p_{what}_low"))
+            return f"{distinct[i]} / {num(h[i], 3)} ({num(null[i], 3)}; {_p(p[i])})"
 
         lines += table(["block", "block / depth"] + [t.site for t in tests],
                        [[b, num(b / max(a.data.layout.depth, 1), 3)] + [cell(t, b) for t in tests] for b in blocks])
