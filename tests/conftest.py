@@ -50,6 +50,18 @@ def write_run(d: Path, acts: np.ndarray | None, splits: list[str], units, npz: b
     return ids
 
 
+def finish_run(d: Path, sites: tuple[str, ...] = ("attn.proj", "ffn.fc1", "ffn.fc2"), depth: int = 2,
+               precision: str = "highest") -> None:
+    """record.json as the recording pass writes it for a finished run (what the analysis reads of it)."""
+    import json
+
+    from varjax.names import SITE_DEFINITIONS
+
+    fp = {"sites": {s: SITE_DEFINITIONS[s] for s in sites}, "precision": precision,
+          "model": {"var": {"depth": depth}}}
+    (d / "record.json").write_text(json.dumps({"fingerprint": fp, "precision": precision}))
+
+
 # -- Sensitivity of the pipeline on the shipped model ------------------------------------------
 # Margins that held for every training seed tried (0-3, data seed 0, 8 views, crop seed 0;
 # measured values in brackets, seed 0 = the shipped model first). Each is looser than the worst
