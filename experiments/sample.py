@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8, help="images per compiled call")
     ap.add_argument("--precision", choices=("highest", "tf32", "bf16"), default="highest",
                     help="highest: float32; tf32: TF32 matmuls; bf16: the transformer in bfloat16")
-    ap.add_argument("--scale-units", metavar="FILE", help="unit ids to scale (numbers, or a CSV with a unit column)")
+    ap.add_argument("--scale-units", metavar="FILE",
+                    help="units to scale: rows of a units.csv (block, site, index), or unit ids")
     ap.add_argument("--scale-factor", type=float, default=0.5, help="factor for --scale-units")
     ap.add_argument("--scale-mode", choices=("weights", "output"), default="weights",
                     help="weights: the units' incoming weights (biases kept); output: their values")
@@ -56,18 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from varjax import gallery
-    from varjax.checkpoint import CheckpointError
-    from varjax.generate import GenerateError, Sampling
-    from varjax.scaling import ScalingError, read_unit_ids
+    from varjax.errors import VarjaxError
+    from varjax.generate import Sampling
 
     try:
-        units = tuple(read_unit_ids(args.scale_units)) if args.scale_units else ()
         config = gallery.GalleryConfig(
             classes=args.classes, per_class=args.per_class, seed=args.seed, batch_size=args.batch_size,
             sampling=Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth),
-            precision=args.precision, scale_units=units, scale_factor=args.scale_factor, scale_mode=args.scale_mode)
+            precision=args.precision, scale_units=args.scale_units, scale_factor=args.scale_factor, scale_mode=args.scale_mode)
         gallery.run(args.checkpoint, args.out, config)
-    except (gallery.GalleryError, CheckpointError, GenerateError, ScalingError) as e:
+    except VarjaxError as e:
         print(f"sample: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ from PIL import Image
 
 from experiments import sample
 from varjax import gallery
+from varjax.errors import GenerateError
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--classes", "1,3", "--per-class", "3", "--batch-size", "4", "--seed", "5"]
@@ -61,7 +62,7 @@ def test_interrupted_gallery_resumes_to_the_same_files(shipped, tmp_path):
         if msg.startswith("2/"):
             raise KeyboardInterrupt
 
-    with pytest.raises(gallery.GalleryError, match="interrupted after 2 of 6"):
+    with pytest.raises(GenerateError, match="interrupted after 2 of 6"):
         gallery.run(None, tmp_path / "g", config, log=stop_after_first_batch)
     assert not (tmp_path / "g" / "run.json").exists() and (tmp_path / "g" / gallery.PROGRESS).exists()
     gallery.run(None, tmp_path / "g", config, log=lambda m: None)
@@ -70,7 +71,7 @@ def test_interrupted_gallery_resumes_to_the_same_files(shipped, tmp_path):
     for k in a.files:  # batch 4 uninterrupted == batch 2 interrupted and resumed
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert not (tmp_path / "g" / gallery.PROGRESS).exists()
-    with pytest.raises(gallery.GalleryError, match="other settings"):
+    with pytest.raises(GenerateError, match="other settings"):
         gallery.run(None, tmp_path / "g", gallery.GalleryConfig(classes=(1, 3), per_class=3, seed=6))
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from varjax.config import micro
 from varjax.model import Model, init_params
-from varjax.scaling import ScalingError, UnitScaling, read_unit_ids, unit_of
+from varjax.errors import ScalingError
+from varjax.scaling import UnitScaling, read_units, unit_of
 from varjax.record import unit_layout
 
 # Scaling by 0.5 is exact in float32, so the hand edits below give the same products; the
@@ -128,19 +129,27 @@ def test_unit_ids_follow_units_csv_order(setup, tmp_path):
     model, _, _ = setup
     cfg = model.config.var
     u = 0
-    for name, block, site, size in unit_layout(model):
+    for name, block, site, size in unit_layout(model).segments():
         for i in (0, size - 1):
             assert unit_of(cfg, u + i) == (site, block, i)
         u += size
     with pytest.raises(ScalingError, match="does not exist"):
         unit_of(cfg, u)
     (tmp_path / "ids.txt").write_text("# top units\n3, 70\n600\n")
-    assert read_unit_ids(tmp_path / "ids.txt") == [3, 70, 600]
-    (tmp_path / "units.csv").write_text("unit,block,site,index\n5,0,ffn.fc1,0\n9,0,ffn.fc1,4\n")
-    assert read_unit_ids(tmp_path / "units.csv") == [5, 9]
+    assert read_units(tmp_path / "ids.txt", cfg) == [unit_of(cfg, 3), unit_of(cfg, 70), unit_of(cfg, 600)]
+    assert unit_of(cfg, 70) == ("ffn.fc1", 0, 6) and unit_of(cfg, 600) == ("ffn.fc1", 1, 152)
+    (tmp_path / "ids.csv").write_text("unit,block\n5,0\n9,0\n")
+    assert read_units(tmp_path / "ids.csv", cfg) == [unit_of(cfg, 5), unit_of(cfg, 9)]
+    # rows of a units.csv name their units directly, whatever layout the run had
+    (tmp_path / "units.csv").write_text("unit,block,site,index\n900,1,ffn.fc2,7\n12,0,resid,12\n")
+    assert read_units(tmp_path / "units.csv", cfg)[0] == ("ffn.fc2", 1, 7)
+    with pytest.raises(ScalingError, match="unknown site"):  # resid units cannot be scaled
+        UnitScaling.from_file(tmp_path / "units.csv", cfg, 0.5, "weights")
+    # ids of a run that also recorded resid: block 0 has 64 more units before block 1
+    assert unit_of(cfg, 600, ("attn.proj", "ffn.fc1", "ffn.fc2", "resid")) == ("ffn.fc1", 1, 88)
     (tmp_path / "bad.txt").write_text("3, x\n")
-    with pytest.raises(ScalingError, match="'x'"):
-        read_unit_ids(tmp_path / "bad.txt")
+    with pytest.raises(ScalingError, match="not a list of units"):
+        read_units(tmp_path / "bad.txt", cfg)
     with pytest.raises(ScalingError, match="does not exist"):
         UnitScaling("weights", (("ffn.fc1", 5, 0, 0.5),)).check(cfg)
     with pytest.raises(ScalingError, match="mode"):

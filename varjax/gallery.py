@@ -31,21 +31,18 @@ from PIL import Image
 from varjax import generate as gen_lib
 from varjax.driver import weights_digest
 from varjax.runfiles import atomic_path, atomic_save_npz, atomic_write_text
-from varjax.scaling import ScalingError, UnitScaling
+from varjax.errors import GenerateError, ScalingError
+from varjax.scaling import UnitScaling
 
 PROGRESS = ".progress.npz"
 RUN = "run.json"
 GRID_MAX = (32, 16)  # rows (classes), columns (images per class) shown in grid.png
 
 
-class GalleryError(Exception):
-    """A problem the user can fix (bad settings, a directory in the way); one line."""
-
-
 @dataclasses.dataclass(frozen=True)
 class GalleryConfig:
-    """What to generate. Unit scaling is given as global unit ids (units.csv), a factor and a
-    mode, and built against the loaded model (varjax.scaling.UnitScaling.from_unit_ids)."""
+    """What to generate. Unit scaling is given as a file of units (varjax.scaling.read_units), a
+    factor and a mode, and built against the loaded model (UnitScaling.from_file)."""
 
     classes: tuple[int, ...]
     per_class: int = 8
@@ -53,7 +50,7 @@ class GalleryConfig:
     seed: int = 0
     batch_size: int = 8
     precision: str | None = "highest"
-    scale_units: tuple[int, ...] = ()
+    scale_units: str | None = None
     scale_factor: float = 0.5
     scale_mode: str = "weights"
 
@@ -63,8 +60,8 @@ def run(checkpoint: str | Path | None, out: Path | str, config: GalleryConfig,
     """Load `checkpoint` (default: the shipped planted model) and `make_gallery`. With no
     classes given, every class of a model that has at most 16.
 
-    Raises GalleryError, varjax.checkpoint.CheckpointError or varjax.generate.GenerateError,
-    each with a one-line message, before anything is written.
+    Raises VarjaxError (GenerateError, CheckpointError, ...) with a one-line message, before
+    anything is written.
     """
     import varjax
     from varjax.data.planted import default_checkpoint
@@ -74,7 +71,7 @@ def run(checkpoint: str | Path | None, out: Path | str, config: GalleryConfig,
     if not config.classes:
         n = model.config.var.num_classes if model.config.var is not None else 0
         if n > 16:
-            raise GalleryError(f"the model has {n} classes: name the ones to draw with --classes")
+            raise GenerateError(f"the model has {n} classes: name the ones to draw with --classes")
         config = dataclasses.replace(config, classes=tuple(range(n)))
     return make_gallery(model, str(path.resolve()), out, config, log)
 
@@ -120,7 +117,7 @@ def make_gallery(model, model_name: str, out: Path | str, config: GalleryConfig,
             rate = (done - start_done) / (time.perf_counter() - t_gen)
             log(f"{done}/{N} images  {rate:.3g} img/s  ETA {_fmt_time((N - done) / rate)}")
     except KeyboardInterrupt:
-        raise GalleryError(f"interrupted after {done} of {N} images; run the same command again to resume") from None
+        raise GenerateError(f"interrupted after {done} of {N} images; run the same command again to resume") from None
     rate = (done - start_done) / max(time.perf_counter() - t_gen, 1e-9)
     info = _finish(model, out, labels, np.concatenate(tokens), fp, config, scaling,
                    {"compile_s": round(compile_s, 2), "images_per_s": round(rate, 4) if done > start_done else None,
@@ -136,21 +133,21 @@ def image_name(i: int, label: int) -> str:
 def _check(model, config: GalleryConfig) -> UnitScaling | None:
     cfg = model.config
     if model.vqvae is None or model.var is None:
-        raise GalleryError("the checkpoint holds only part of the model; convert it with both --var and --vae")
+        raise GenerateError("the checkpoint holds only part of the model; convert it with both --var and --vae")
     bad = [c for c in config.classes if not 0 <= c <= cfg.var.num_classes]
     if not config.classes or bad:
-        raise GalleryError(f"classes {bad or '(none)'}: the model has classes 0..{cfg.var.num_classes - 1} "
+        raise GenerateError(f"classes {bad or '(none)'}: the model has classes 0..{cfg.var.num_classes - 1} "
                            f"({cfg.var.num_classes} = the null class)")
     if config.per_class < 1 or config.batch_size < 1:
-        raise GalleryError("--per-class and --batch-size must be positive")
+        raise GenerateError("--per-class and --batch-size must be positive")
     if not 0 <= config.seed < 2**32:
-        raise GalleryError(f"--seed must be in [0, 2^32), got {config.seed}")
+        raise GenerateError(f"--seed must be in [0, 2^32), got {config.seed}")
     if not config.scale_units:
         return None
     try:
-        return UnitScaling.from_unit_ids(cfg.var, config.scale_units, config.scale_factor, config.scale_mode)
+        return UnitScaling.from_file(config.scale_units, cfg.var, config.scale_factor, config.scale_mode)
     except ScalingError as e:
-        raise GalleryError(str(e)) from None
+        raise GenerateError(str(e)) from None
 
 
 def _fingerprint(model, model_name: str, config: GalleryConfig, scaling: UnitScaling | None) -> dict:
@@ -166,14 +163,14 @@ def _resume(out: Path, fp: dict) -> tuple[int | None, list[np.ndarray]]:
     if (out / RUN).exists():
         if json.loads((out / RUN).read_text()).get("fingerprint") == fp:
             return None, []
-        raise GalleryError(f"{out} holds a gallery with other settings; choose another --out")
+        raise GenerateError(f"{out} holds a gallery with other settings; choose another --out")
     if (out / PROGRESS).exists():
         with np.load(out / PROGRESS) as z:
             if json.loads(str(z["fingerprint"])) != fp:
-                raise GalleryError(f"{out} holds an unfinished gallery with other settings; choose another --out")
+                raise GenerateError(f"{out} holds an unfinished gallery with other settings; choose another --out")
             return int(z["done"]), [z["tokens"]]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise GalleryError(f"{out} exists and is not a gallery; choose another --out")
+        raise GenerateError(f"{out} exists and is not a gallery; choose another --out")
     return 0, []
 
 

@@ -36,17 +36,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax.sampling import cfg_coefficients, draw, filter_logits, guide, gumbel_soft, smooth_params
 from varjax.config import ModelConfig
+from varjax.errors import GenerateError, ScalingError
 from varjax.precision import matmul_scope
-from varjax.scaling import ScalingError, UnitScaling, prepare
+from varjax.scaling import UnitScaling, prepare
 from varjax.taps import COLLECTION, NO_TAPS, TapConfig, collect
 from varjax.var import ATTENTION, CACHE, VAR, scale_begin
 from varjax.vqvae import VQVAE
 
 PRECISIONS = ("highest", "tf32", "bf16")  # bf16_full only concerns the encoder, unused here
-
-
-class GenerateError(ValueError):
-    """Arguments the sampler cannot run with; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)

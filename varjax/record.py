@@ -2,7 +2,7 @@
 
 For every sample x and recorded unit u: mu_u(x) = mean over the A augmented views of x of
 (the mean over tokens of |activation_u|), the model run teacher-forced as in training (the
-study's method, shared/spec/unitmem.md). One compiled step tokenizes the views, builds the
+study's method, docs/unitmem.md). One compiled step tokenizes the views, builds the
 teacher-forcing input, runs the transformer, reduces the sown units and folds them into the
 streaming statistics of `varjax.stats`, all on the device; the batch is sharded over every
 device of every host, parameters are replicated. By-products of the same forward: per-sample
@@ -26,15 +26,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
+from varjax.errors import RecordError
 from varjax.model import Model
 from varjax.precision import BF16_MODES, PRECISIONS, matmul_scope
-from varjax.scaling import ScalingError, UnitScaling, prepare
+from varjax.errors import ScalingError
+from varjax.scaling import UnitScaling, prepare
+from varjax.names import UnitLayout
+from varjax.names import canonical_sites
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
-
-
-class RecordError(RuntimeError):
-    """A problem with the run's inputs or its directory; the message is one line."""
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -152,25 +152,36 @@ class Options:
     # "einsum" (spelled-out softmax, the parity path), "fused" (jax.nn.dot_product_attention,
     # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
     attention: str = "einsum"
+    # The recording sites (varjax.names.SITES), kept in canonical order: the study's three by
+    # default; `head_nm`, `head` and `resid` are the others the study names.
+    sites: tuple[str, ...] = UNIT_SITES
     # Multiply chosen units (varjax.scaling): "weights" edits their incoming weights in
     # memory, "output" their values; None leaves the model as it is on disk.
     unit_scaling: UnitScaling | None = None
 
     def __post_init__(self):
+        for name in ("batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:  # 0 would divide by zero half-way, after the run dir exists
+                raise RecordError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise RecordError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTION:
             raise RecordError(f"attention {self.attention!r}: expected one of {', '.join(ATTENTION)}")
+        try:
+            object.__setattr__(self, "sites", canonical_sites(self.sites))
+        except ValueError as e:
+            raise RecordError(str(e)) from None
+        if not self.sites:
+            raise RecordError("record at least one site")
         if self.attention == "cudnn" and self.precision not in BF16_MODES:
             raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
                               f"takes bf16/fp16), not {self.precision!r}")
 
 
-def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
-    """[(site name, block, site kind, units)] in unit-column order (docs/design.md)."""
+def unit_layout(model: Model, sites: tuple[str, ...] = UNIT_SITES) -> UnitLayout:
+    """The units of `model` recorded at `sites`, in unit-column order (varjax.names)."""
     v = model.config.var
-    size = {"attn.proj": v.embed_dim, "ffn.fc1": v.mlp_dim, "ffn.fc2": v.embed_dim}
-    return [(f"blocks.{b}.{s}", b, s, size[s]) for b in range(v.depth) for s in UNIT_SITES]
+    return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, sites)
 
 
 _precision = matmul_scope  # the name bench.py and older callers use
@@ -203,9 +214,9 @@ def make_step(model: Model, num_views: int, opts: Options):
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
-    layout = unit_layout(model)
+    names = [name for name, *_ in unit_layout(model, opts.sites).segments()]
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
-    var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
+    var = VAR(cfg.var, TapConfig(sites=opts.sites, reductions=reductions),
               dtype=jnp.bfloat16 if opts.precision in BF16_MODES else jnp.float32, attention=opts.attention)
     vqvae = tokenizer(model, opts.precision)
     scale_mat = jnp.asarray(scale_means_matrix(pn))  # (K, L)
@@ -224,12 +235,12 @@ def make_step(model: Model, num_views: int, opts: Options):
             var_s, p_var = prepare(var, params["var"], opts.unit_scaling)
             logits, taps = var_s.apply({"params": p_var}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
-        mu = jnp.concatenate([acts[name] for name, *_ in layout], axis=-1)  # (B*A, U)
+        mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*A, U)
         mu = mu.reshape(B, A, -1).mean(axis=1)
         scale_mu = None
         if opts.per_scale:
             s_acts = collect(taps[COLLECTION], "scale_mean_abs")
-            scale_mu = jnp.concatenate([s_acts[name] for name, *_ in layout], axis=-1)
+            scale_mu = jnp.concatenate([s_acts[name] for name in names], axis=-1)
             scale_mu = scale_mu.reshape((B, A) + scale_mu.shape[1:]).mean(axis=1)
 
         # Teacher-forced cross-entropy and top-1 accuracy per token, then per scale and sample.

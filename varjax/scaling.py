@@ -12,8 +12,8 @@ which, because of the GELU and the bias, is not f * gelu(x . w_u + b_u). Both ar
   GELU, attn.proj and ffn.fc2 before their gates), inside the forward (`scale_output`).
 
 Either way the recorded activations (varjax.taps) are those of the scaled model. A unit is
-(site, block, index) with a site of `varjax.taps.UNIT_SITES`; `from_unit_ids` takes the
-global unit columns of units.csv (docs/design.md). With no scaling (None) nothing is added
+(site, block, index) with a site of `varjax.names.UNIT_SITES`; `from_unit_ids` and `from_file`
+take the unit columns of a units.csv (docs/design.md). With no scaling (None) nothing is added
 to the computation.
 """
 
@@ -29,15 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax.config import VARConfig
-from varjax.taps import UNIT_SITES
+from varjax.errors import ScalingError
+from varjax.names import UNIT_SITES, UnitLayout, site_units
 
 MODES = ("weights", "output")
 # The Linear layer whose kernel column u computes unit u of each site.
 _LAYER = {"attn.proj": ("attn", "proj"), "ffn.fc1": ("ffn", "fc1"), "ffn.fc2": ("ffn", "fc2")}
-
-
-class ScalingError(ValueError):
-    """A unit scaling that cannot apply (bad mode, site, unit or factor); one-line message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +65,17 @@ class UnitScaling:
             raise ScalingError("unit scaling: a unit is listed twice")
 
     @classmethod
-    def from_unit_ids(cls, config: VARConfig, unit_ids: Iterable[int], factor: float, mode: str) -> "UnitScaling":
-        """Scale the units with these global ids (columns of units.csv) by one factor."""
-        return cls(mode, tuple((*unit_of(config, u), factor) for u in unit_ids))
+    def from_unit_ids(cls, config: VARConfig, unit_ids: Iterable[int], factor: float, mode: str,
+                      sites: tuple[str, ...] = UNIT_SITES) -> "UnitScaling":
+        """Scale the units with these global ids (columns of a units.csv recorded at `sites`)."""
+        layout = _layout(config, sites)
+        return cls(mode, tuple((*_unit(layout, u), factor) for u in unit_ids))
+
+    @classmethod
+    def from_file(cls, path: str | Path, config: VARConfig, factor: float, mode: str,
+                  sites: tuple[str, ...] = UNIT_SITES) -> "UnitScaling":
+        """Scale the units a file lists (`read_units`) by one factor."""
+        return cls(mode, tuple((site, b, i, factor) for site, b, i in read_units(path, config, sites)))
 
     def check(self, config: VARConfig) -> None:
         """Raises ScalingError if a unit does not exist in a model of this config."""
@@ -135,27 +140,23 @@ def scale_output(scaling: UnitScaling | None, site: str, block: int, x_BLU: jnp.
 
 
 def site_sizes(config: VARConfig) -> dict[str, int]:
-    return {"attn.proj": config.embed_dim, "ffn.fc1": config.mlp_dim, "ffn.fc2": config.embed_dim}
+    return {s: site_units(s, config.embed_dim, config.mlp_dim, config.vocab_size) for s in UNIT_SITES}
 
 
-def unit_of(config: VARConfig, unit: int) -> tuple[str, int, int]:
-    """Global unit id -> (site, block, index), in the unit order of docs/design.md
-    (block-major, then attn.proj, ffn.fc1, ffn.fc2, then index)."""
-    size = site_sizes(config)
-    per_block = sum(size.values())
-    if not 0 <= unit < per_block * config.depth:
-        raise ScalingError(f"unit {unit} does not exist (the model has {per_block * config.depth} units)")
-    block, rest = divmod(int(unit), per_block)
-    for site in UNIT_SITES:
-        if rest < size[site]:
-            return site, block, rest
-        rest -= size[site]
-    raise AssertionError("unreachable")
+def unit_of(config: VARConfig, unit: int, sites: tuple[str, ...] = UNIT_SITES) -> tuple[str, int, int]:
+    """Global unit id -> (site, block, index), in the unit order of a run recorded at `sites`
+    (varjax.names.UnitLayout: block-major, then site, then index)."""
+    return _unit(_layout(config, sites), unit)
 
 
-def read_unit_ids(path: str | Path) -> list[int]:
-    """Unit ids from a file: integers separated by commas, spaces or newlines ('#' starts a
-    comment), or a CSV whose header has a `unit` column (as units.csv)."""
+def read_units(path: str | Path, config: VARConfig, sites: tuple[str, ...] = UNIT_SITES) -> list[tuple[str, int, int]]:
+    """The units a file names, as (site, block, index).
+
+    A CSV with `block`, `site` and `index` columns (a units.csv, or rows of one) names them
+    directly; otherwise the file holds unit ids (a CSV with a `unit` column, or integers
+    separated by commas, spaces or newlines, '#' starting a comment), read in the layout of a
+    run recorded at `sites`.
+    """
     p = Path(path)
     try:
         text = p.read_text()
@@ -163,18 +164,34 @@ def read_unit_ids(path: str | Path) -> list[int]:
         raise ScalingError(f"{p}: cannot read the unit list ({e.strerror or e})") from None
     lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln]
-    if lines and "unit" in [c.strip() for c in lines[0].split(",")]:
-        col = [c.strip() for c in lines[0].split(",")].index("unit")
-        tokens = [ln.split(",")[col].strip() for ln in lines[1:]]
-    else:
-        tokens = [t for ln in lines for t in re.split(r"[,\s]+", ln) if t]
+    header = [c.strip() for c in lines[0].split(",")] if lines else []
     try:
-        ids = [int(t) for t in tokens]
-    except ValueError:
-        raise ScalingError(f"{p}: expected unit ids (integers), found {next(t for t in tokens if not t.lstrip('-').isdigit())!r}") from None
-    if not ids:
-        raise ScalingError(f"{p}: no unit ids")
-    return ids
+        if {"block", "site", "index"} <= set(header):
+            cols = [header.index(c) for c in ("site", "block", "index")]
+            rows = [[c.strip() for c in ln.split(",")] for ln in lines[1:]]
+            units = [(r[cols[0]], int(r[cols[1]]), int(r[cols[2]])) for r in rows]
+        else:
+            if "unit" in header:
+                tokens = [ln.split(",")[header.index("unit")].strip() for ln in lines[1:]]
+            else:
+                tokens = [t for ln in lines for t in re.split(r"[,\s]+", ln) if t]
+            layout = _layout(config, sites)
+            units = [_unit(layout, int(t)) for t in tokens]
+    except (ValueError, IndexError) as e:
+        raise ScalingError(f"{p}: not a list of units ({e})") from None
+    if not units:
+        raise ScalingError(f"{p}: no units")
+    return units
+
+
+def _layout(config: VARConfig, sites: tuple[str, ...]) -> UnitLayout:
+    return UnitLayout.for_var(config.depth, config.embed_dim, config.mlp_dim, config.vocab_size, sites)
+
+
+def _unit(layout: UnitLayout, unit: int) -> tuple[str, int, int]:
+    if not 0 <= unit < layout.n_units:
+        raise ScalingError(f"unit {unit} does not exist (the model has {layout.n_units} units)")
+    return layout.sites[layout.site[unit]], int(layout.block[unit]), int(layout.index[unit])
 
 
 def _by_layer(units) -> dict[tuple[str, int], list[tuple[int, float]]]:

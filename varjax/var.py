@@ -301,6 +301,7 @@ class VAR(nn.Module):
         x_BLC = x_BLC.astype(jnp.float32)
         scale, shift = self.head_nm(cond_BD)
         h = self.head_ln(x_BLC) * (1 + scale) + shift
+        tap(self, self.taps, "head_nm", h, self.config.patch_nums)  # AdaLNBeforeHead's output, the head's input
         logits = self.head(h)
         tap(self, self.taps, "head", logits, self.config.patch_nums)
         return logits
