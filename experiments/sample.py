@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: find the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -120,12 +120,10 @@ def test_generation_flops_split_as_expected():
     import jax.numpy as jnp
 
     bench = _bench_module()
-    from experiments.bench_generate import sampler_gflop
-
     cfg = config_lib.PRESETS["d16"]()
     model = Model(cfg, param_shapes(cfg))
-    guided = sampler_gflop(model, Sampling(1.5, 900, 0.96), "highest", 1)
-    plain = sampler_gflop(model, Sampling(0.0, 900, 0.96), "highest", 1)
+    guided = bench.sampler_gflop(model, Sampling(1.5, 900, 0.96), "highest", 1)
+    plain = bench.sampler_gflop(model, Sampling(0.0, 900, 0.96), "highest", 1)
     vq = VQVAE(cfg.vqvae)
     dec = jax.make_jaxpr(lambda p, f: vq.apply({"params": p}, f, method=VQVAE.decode_fhat))(
         model.params["vqvae"], jax.ShapeDtypeStruct((1, 16, 16, 32), jnp.float32))
