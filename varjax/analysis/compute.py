@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from varjax import beyond, unitmem
+from varjax.analysis.extraction import ExtractionAnalysis, analyze_extraction, nmu_of
 from varjax.analysis.mia import MembershipAnalysis, analyze_membership
 from varjax.analysis.planted import PlantedAnalysis, analyze_planted
 from varjax.analysis.rundir import RunData
@@ -88,6 +89,7 @@ class Analysis:
       planted: the planted-memorization tests (None unless the run is planted).
       membership: members vs non-members by every per-sample score (None without
         membership.csv or without val samples).
+      extraction: the extraction job's rates (None without extraction.csv).
     """
 
     data: RunData
@@ -110,6 +112,7 @@ class Analysis:
     d_all: DAllResult | None
     planted: PlantedAnalysis | None
     membership: MembershipAnalysis | None = None
+    extraction: ExtractionAnalysis | None = None
 
     @property
     def diversity_all(self) -> beyond.DiversityTest:
@@ -235,7 +238,7 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
                                     np.flatnonzero(np.isin(data.split, ["train", "val"])) if d_all else None)
     diversity, classes, scale_depth = _beyond(data, main, st.argmax, label_of_unit, per_scale, q, top_k,
                                               n_permutations, seed, say)
-    return Analysis(
+    a = Analysis(
         data=data, variant=variant, q=q, top_k=top_k, primary=primary, rows=rows, d_prime=main,
         argmax_row=argmax_row, fc1=fc1,
         top_units={int(b): unitmem.top_units_of_block(main.um, layout, int(b), fc1, top_k)
@@ -244,3 +247,4 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
         loss=unitmem.loss_correlation(data.loss[rows], main.nmu) if data.loss is not None else None,
         per_scale=per_scale, scale_labels=labels, scale_depth=scale_depth, other_variant=other, d_all=d_all,
         planted=planted_result, membership=membership)
+    return dataclasses.replace(a, extraction=analyze_extraction(data, nmu_of(a)))

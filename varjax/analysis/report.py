@@ -20,6 +20,9 @@
   (train) vs non-members (val) per score: `auc`, `tpr` (at 1% FPR) on all samples and
   `auc_mean`/`auc_std`/`tpr_mean`/`tpr_std` over the repeats; `best` Min-K% per family;
   `roles` (score means per planted role).
+- `extraction` (null without extraction.csv; varjax.analysis.extraction): per prefix k the
+  extraction rate, mean SSIM and generated-token agreement by split (candidates, all
+  continued), by NumMemUnits bins and per planted role; `canaries`; `info` (extraction.json).
 - `figures`: figure name -> path relative to the run directory.
 `render_markdown` writes the human-readable report from the same results. Neither touches
 the file system.
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from varjax.analysis import mia, questions
+from varjax.analysis import extraction, mia, questions
 from varjax.analysis.compute import Analysis, DatasetResult
 from varjax.analysis.fmt import jsonable, to_json  # noqa: F401 (to_json: re-exported)
 from varjax.analysis.fmt import num as _f
@@ -117,6 +120,7 @@ def build_summary(a: Analysis, figures: dict[str, str]) -> dict:
                                 "val sample as train, is not reproduced)"}
     out.update(questions.summary(a))
     out.update(mia.summary(a.membership))
+    out.update(extraction.summary(a.extraction))
     out["figures"] = dict(figures)
     return out
 
@@ -360,6 +364,6 @@ def render_markdown(a: Analysis, summary: dict, figures: dict[str, str]) -> str:
     lines = w.run() + w.planted() + w.d_prime()
     if a.d_all is not None:
         lines += w.d_all()
-    lines += mia.markdown(a.membership, w.fig)
+    lines += mia.markdown(a.membership, w.fig) + extraction.markdown(a.extraction)
     lines += w.beyond(summary) + questions.markdown(a, w.fig)
     return "\n".join(lines).rstrip() + "\n"
