@@ -174,7 +174,7 @@ def _sscd_embedder(path: str | None) -> Callable[[np.ndarray], np.ndarray] | Non
 
     def embed(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return net(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+            return net(torch.from_numpy(np.array(x, np.float32))).numpy()  # a writable copy
 
     return embed
 

@@ -157,7 +157,7 @@ def markdown(e: ExtractionAnalysis | None) -> list[str]:
     i = e.info
     lines = ["## Extraction", "",
              f"`python experiments/extract.py RUN_DIR`: each sample's first k scales of true tokens forced "
-             f"(k = {', '.join(map(str, e.prefixes))}), every later scale {i.get('continuation', 'greedy')}, "
+             f"(k = {', '.join(map(str, e.prefixes))}), every later scale takes {i.get('continuation', 'the greedy choice')}, "
              f"decoded and compared with the decode of its own true tokens. View: {i.get('view', 'n/a')}. "
              f"Candidates: top {i.get('per_class')} per class and split by {i.get('rank')} "
              f"({i.get('n_candidates')} of {i.get('n_continued')} continued). Extracted: {i.get('extracted')}. "
