@@ -63,6 +63,17 @@ def test_tpr_at_one_percent_fpr_follows_the_published_rule():
     assert mia.tpr_at_fpr(members, two, members_lower=True) == pytest.approx(2 / 5)
 
 
+def test_tpr_follows_sklearn_dropping_points_on_a_diagonal_run():
+    """Tie groups (1 member + 1 non-member) at 9 and 8 make a diagonal run; roc_curve's
+    drop_intermediate removes its middle point (FPR 1%, TPR 3/5), so the published rule reads
+    TPR 2/5 at the point before it."""
+    members = np.array([10.0, 10.0, 9.0, 8.0, 0.0])
+    nonmembers = np.concatenate([[9.0, 8.0], np.full(98, -1.0)])
+    fpr, tpr = mia.roc(members, nonmembers, members_lower=False)
+    assert fpr.tolist() == [0, 0, 0.02, 0.02, 1] and tpr.tolist() == [0, 0.4, 0.8, 1, 1]
+    assert mia.tpr_at_fpr(members, nonmembers, members_lower=False) == pytest.approx(2 / 5)
+
+
 def test_auc_equals_mann_whitney_with_ties():
     rng = np.random.default_rng(1)
     m, n = rng.integers(0, 6, 40).astype(float), rng.integers(2, 9, 30).astype(float)

@@ -73,8 +73,12 @@ def scores_from_tokens(logits_BLV: np.ndarray, target_BL: np.ndarray) -> np.ndar
 # -- evaluation -----------------------------------------------------------------------------
 
 def roc(members: np.ndarray, nonmembers: np.ndarray, members_lower: bool) -> tuple[np.ndarray, np.ndarray]:
-    """ROC points (fpr, tpr), thresholds from high to low on the member-oriented score,
-    ties counted together (as sklearn's roc_curve, without dropping collinear points).
+    """ROC points (fpr, tpr) as sklearn's `roc_curve` gives them (the published code calls it
+    with its defaults): one point per distinct score from high to low on the member-oriented
+    score, ties counted together, (0, 0) first, and `drop_intermediate`: a point whose false-
+    and true-positive counts both change by the same steps before and after it is dropped.
+    Dropping a point on a diagonal run (tie groups holding members and non-members) can lower
+    the TPR at 1% FPR, so it is reproduced.
 
     Args:
       members, nonmembers: (n,), (m,) scores; NaN counts as 0 (as theirs).
@@ -91,7 +95,11 @@ def roc(members: np.ndarray, nonmembers: np.ndarray, members_lower: bool) -> tup
     order = np.argsort(-score, kind="stable")
     score, is_member = score[order], is_member[order]
     last = np.r_[np.flatnonzero(np.diff(score) != 0), len(score) - 1]  # end of each tie group
-    tp, fp = np.cumsum(is_member)[last], np.cumsum(1 - is_member)[last]
+    tp = np.cumsum(is_member)[last]
+    fp = 1 + last - tp
+    if len(fp) > 2:
+        keep = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+        tp, fp = tp[keep], fp[keep]
     return np.r_[0.0, fp / max(len(n), 1)], np.r_[0.0, tp / max(len(m), 1)]
 
 

@@ -15,7 +15,7 @@ from varjax.analysis.figures import _figure
 
 def roc_curves(scores: dict[str, tuple[np.ndarray, np.ndarray]], lower: dict[str, bool],
                labels: dict[str, str], title: str = "Membership inference: ROC") -> Figure:
-    """ROC curves of members vs non-members, linear and with a log FPR axis.
+    """ROC curves of members vs non-members (varjax.membership.roc), linear and with a log FPR axis.
 
     Args:
       scores: {name: (member values, non-member values)}; lower: {name: members lower};
