@@ -175,3 +175,10 @@ def test_interrupted_extraction_resumes_to_the_same_result(demo_run, tmp_path, m
     for col in ("sample", "identical_tokens", "extracted", "candidate", "class_rank"):
         assert [r[col] for r in got] == [r[col] for r in want], col
     np.testing.assert_allclose([float(r["ssim"]) for r in got], [float(r["ssim"]) for r in want], atol=1e-5)
+
+
+def test_a_finished_extraction_is_not_recomputed(demo_run, capsys):
+    before = (demo_run / "extraction.csv").stat().st_mtime_ns
+    assert extract_cli.main([str(demo_run), "--all", "--prefix-scales", "2", "--no-report"]) == 0
+    assert "this extraction is done" in capsys.readouterr().err
+    assert (demo_run / "extraction.csv").stat().st_mtime_ns == before

@@ -319,6 +319,10 @@ def run_extraction(cfg: ExtractConfig) -> dict:
     cand = Candidates(rows, score[rows], rank[rows], is_cand[rows])
     out = Path(cfg.run_dir)
     fp = _fingerprint(cfg, data, path, prefixes, rows)
+    finished = _finished(out, fp, cfg)
+    if finished is not None:
+        print("[extract] this extraction is done; rerun with other settings to recompute", file=sys.stderr)
+        return _refresh(out, finished, cfg)
     res = _Results.resume(out / PROGRESS, fp, len(prefixes), len(rows))
     tokens_K = extraction.split_scales(tokens[rows], pn)
     labels, ids = data.label[rows], data.ids[rows]
@@ -336,9 +340,24 @@ def run_extraction(cfg: ExtractConfig) -> dict:
             "extracted": (f"SSCD cosine > {extraction.SSCD_THRESHOLD} ({cfg.sscd})" if cfg.sscd else
                           f"SSIM >= {cfg.ssim_threshold} (an offline stand-in for SSCD cosine > 0.75)"),
             "unit_scaling": scaling.describe() if scaling else None, "seconds": round(seconds, 1),
-            "figures": figures}
+            "figures": figures, "fingerprint": fp, "ssim_threshold": cfg.ssim_threshold}
     atomic_write_text(out / INFO, json.dumps(info, indent=1))
     (out / PROGRESS).unlink(missing_ok=True)
+    return _refresh(out, info, cfg)
+
+
+def _finished(out: Path, fp: str, cfg: ExtractConfig) -> dict | None:
+    """extraction.json of a finished job with these settings, or None."""
+    try:
+        info = json.loads((out / INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = info.get("fingerprint") == fp and info.get("ssim_threshold") == cfg.ssim_threshold
+    return info if same and (out / CSV).is_file() else None
+
+
+def _refresh(out: Path, info: dict, cfg: ExtractConfig) -> dict:
+    """The run's analysis again (its report gains or updates the Extraction section)."""
     if cfg.report:
         from varjax.study import reanalyze
 
