@@ -11,7 +11,9 @@
   continues from there; rows past the checkpoint are recomputed and overwritten, so the end
   result equals an uninterrupted run. A finished run returns at once.
 - Host memory is O(units) unless activations are saved, and then rows go straight to a
-  memory-mapped `activations.npy`; device memory does not grow with N.
+  memory-mapped `activations.npy`; device memory does not grow with N. With membership
+  scores (record.Options.membership) their rows and the view's tokens (`view_tokens.npy`)
+  are written the same way, and `membership.csv` at the end.
 """
 
 from __future__ import annotations

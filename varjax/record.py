@@ -6,7 +6,10 @@ study's method, docs/unitmem.md). One compiled step tokenizes the views, builds 
 teacher-forcing input, runs the transformer, reduces the sown units and folds them into the
 streaming statistics of `varjax.stats`, all on the device; the batch is sharded over every
 device of every host, parameters are replicated. By-products of the same forward: per-sample
-teacher-forced cross-entropy and top-1 token accuracy, overall and per scale.
+teacher-forced cross-entropy and top-1 token accuracy, overall and per scale; with
+`Options.membership`, on upstream's validation view appended to the views (or the one view
+of deterministic mode), the membership scores and the extraction candidates' statistic of
+varjax.membership and that view's tokens.
 
 Replaces the study's notebook (forward hooks, one image's 8 views per batch, `.cpu()` per
 layer). Shape letters: B images per step, A views, U units, K scales, L tokens, V vocabulary.
