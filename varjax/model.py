@@ -5,8 +5,9 @@
     logits, acts = model.teacher_forced(labels, tokens)  # (B, L, V), {'blocks.3.ffn.fc1': (B, 4C)}
     recon = model.decode(tokens)                       # (B, H, W, 3) float32 in [-1, 1]
 
-Each call is jit-compiled once per input shape. Computation follows
-`jax.default_matmul_precision` at the call site ('highest' for parity, see tests).
+Each call is jit-compiled once per input shape, with varjax's XLA options (varjax/xla_options.py).
+Computation follows `jax.default_matmul_precision` at the call site ('highest' for parity, see
+tests). The attention kernel is the backend's (`attention="auto"`: `blocked` on a CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from varjax.config import ModelConfig
 from varjax.taps import COLLECTION, TapConfig, collect
 from varjax.var import VAR
 from varjax.vqvae import VQVAE
+from varjax.xla_options import jit
 
 
 @dataclasses.dataclass
@@ -32,10 +34,12 @@ class Model:
     config: ModelConfig
     params: dict[str, Any]
     taps: TapConfig = TapConfig()
+    attention: str = "auto"  # the transformer's attention kernel (varjax/attention.py)
 
     def __post_init__(self):
         self.vqvae = VQVAE(self.config.vqvae) if self.config.vqvae is not None else None
-        self.var = VAR(self.config.var, self.taps) if self.config.var is not None else None
+        self.var = (VAR(self.config.var, self.taps, attention=self.attention)
+                    if self.config.var is not None else None)
 
     def _need(self, part: str):
         if getattr(self, part) is None:
@@ -84,22 +88,22 @@ class Model:
 
 
 # Module objects are hashable dataclasses, so they can be static jit arguments.
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _tokenize(vqvae: VQVAE, patch_nums, params, images):
     return vqvae.apply({"params": params}, images, patch_nums, method=VQVAE.tokenize)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _var_input(vqvae: VQVAE, patch_nums, params, tokens):
     return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.var_input)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _decode(vqvae: VQVAE, patch_nums, params, tokens):
     return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.decode)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jit, static_argnums=(0,))
 def _teacher_forced(var: VAR, params, labels, x, drop):
     logits, state = var.apply({"params": params}, labels, x, drop, mutable=[COLLECTION])
     return logits, state.get(COLLECTION, {})

@@ -30,6 +30,7 @@ from varjax import stats as stats_lib
 from varjax.model import Model
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
+from varjax.xla_options import compiler_options
 
 PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
 BF16_MODES = ("bf16", "bf16_full")
@@ -146,8 +147,10 @@ class Options:
     class_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20  # steps between progress saves
-    # "einsum" (spelled-out softmax, the parity path), "fused" (jax.nn.dot_product_attention,
-    # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
+    # "einsum" (spelled-out softmax, the parity path), "blocked" (the same by scale groups and
+    # one head at a time: the CPU's kernel), "fused" (jax.nn.dot_product_attention, XLA's
+    # lowering), "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only) or "auto"
+    # (per backend, varjax/attention.py `resolve`)
     attention: str = "einsum"
 
     def __post_init__(self):
@@ -268,7 +271,7 @@ def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,))
+                   out_shardings=(repl, data), donate_argnums=(1,), compiler_options=compiler_options())
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape
