@@ -55,10 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="highest: float32 (parity); tf32: TF32 matmuls and convolutions; bf16: the "
                          "transformer in bfloat16, tokenizer TF32 (upstream's training setup); "
                          "bf16_full: the tokenizer's encoder in bfloat16 too (README: what each costs)")
-    ap.add_argument("--attention", choices=("auto", "einsum", "fused", "cudnn"), default="auto",
-                    help="attention kernel: spelled-out softmax (parity), jax.nn.dot_product_attention "
+    ap.add_argument("--attention", choices=("auto", "einsum", "blocked", "fused", "cudnn"), default="auto",
+                    help="attention kernel: spelled-out softmax (parity), the same by scale groups and "
+                         "one head at a time (blocked: fast on a CPU), jax.nn.dot_product_attention "
                          "(XLA), or the same through cuDNN's flash kernel (GPU, a bf16 precision); "
-                         "auto: cudnn where it can run, else einsum (all compute the same function)")
+                         "auto: cudnn where it can run, blocked on a CPU, else einsum (all compute "
+                         "the same function)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")
@@ -186,6 +188,9 @@ def run(args) -> Path:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
+    import jax.numpy as jnp
+
+    from varjax import attention as attention_lib
     from varjax import data
     from varjax.driver import record
     from varjax.record import Options, Plan
@@ -217,9 +222,9 @@ def run(args) -> Path:
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         print(f"[run] {model_name}: {len(samples)} images ({counts}) x {args.augs} views -> {out}",
               file=sys.stderr)
-    if args.attention == "auto":
-        args.attention = ("cudnn" if args.precision in ("bf16", "bf16_full") and jax.default_backend() == "gpu"
-                          else "einsum")
+    # the concrete kernel, so run.json names what ran
+    args.attention = attention_lib.resolve(
+        args.attention, jnp.bfloat16 if args.precision in ("bf16", "bf16_full") else jnp.float32)
     opts = Options(batch_size=args.batch_size, precision=args.precision,
                    save_activations=args.save_activations, per_scale=args.per_scale,
                    class_dropout=args.class_dropout, seed=args.seed, attention=args.attention)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax import attention as attention_lib
 from varjax.config import VARConfig
 from varjax.taps import TapConfig, tap
 
@@ -44,7 +45,7 @@ def _dense(features: int, dtype, use_bias: bool = True, name: str | None = None)
                     kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
 
-ATTENTION = ("einsum", "fused", "cudnn")
+ATTENTION = ("einsum", "blocked", "fused", "cudnn", "auto")
 
 
 class SelfAttention(nn.Module):
@@ -53,8 +54,9 @@ class SelfAttention(nn.Module):
     `attention`: "einsum" spells the softmax out (float32 logits; the parity path), "fused"
     calls `jax.nn.dot_product_attention` with XLA's own lowering (the same algebra, the
     softmax in the input dtype), "cudnn" the same function through cuDNN's fused flash kernel
-    (an NVIDIA GPU and bfloat16 `dtype` only; the mask goes in as an additive bias). All three
-    compute the same function.
+    (an NVIDIA GPU and bfloat16 `dtype` only; the mask goes in as an additive bias), "blocked"
+    the einsum path by scale groups and one head at a time (the CPU's kernel,
+    varjax/attention.py). All compute the same function; "auto" picks one per backend.
     """
 
     config: VARConfig
@@ -82,10 +84,13 @@ class SelfAttention(nn.Module):
             scale = 1.0  # Upstream: softmax scale 1 with attn_l2_norm, NOT 1/sqrt(c).
         else:
             scale = 0.25 / np.sqrt(hd)
-        if self.attention in ("fused", "cudnn"):
+        kind = attention_lib.resolve(self.attention, self.dtype)
+        if kind in ("fused", "cudnn"):
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask_LL[None, None], scale=scale,
-                implementation="cudnn" if self.attention == "cudnn" else None).reshape(B, L, C)
+                implementation="cudnn" if kind == "cudnn" else None).reshape(B, L, C)
+        elif kind == "blocked":
+            out = attention_lib.blocked(q, k, v, mask_LL, c.patch_nums, scale, self.dtype)
         else:
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
             logits = jnp.where(mask_LL, logits, -jnp.inf)
