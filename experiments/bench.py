@@ -11,9 +11,13 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
 
 Each precision's first setting also times the tokenizer alone on one step's views (a
-"tokenizer" line), which shows how the step's time splits. `--precision-cost` then also runs
-the same images through every timed precision and compares each with `highest`: share of identical tokens, max relative error of mu, Spearman rank correlation of
-UnitMem, agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets.
+"tokenizer" line) and splits the step's time into tokenizer, teacher-forcing input,
+transformer, the recording's reductions and the rest (a "split" line, each part timed alone),
+so a regression shows where it is. The attention kernel defaults to `auto` (`blocked` on a
+CPU, see varjax/attention.py); rows name the kernel that ran. `--precision-cost` then also
+runs the same images through every timed precision and compares each with `highest`: share
+of identical tokens, max relative error of mu, Spearman rank correlation of UnitMem,
+agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ from varjax import config as config_lib  # noqa: E402
 from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
-from varjax.record import PRECISIONS, Options, compile_step, make_step, unit_layout  # noqa: E402
-from varjax.var import ATTENTION  # noqa: E402
+from varjax import attention as attention_lib  # noqa: E402
+from varjax.record import BF16_MODES, PRECISIONS, Options, compile_step, make_step, unit_layout  # noqa: E402
+from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect  # noqa: E402
+from varjax.var import ATTENTION, VAR  # noqa: E402
+from varjax.xla_options import jit  # noqa: E402
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
 # non-tensor-core float32 rate). perf.md measured ~790 bf16 on the H200 in practice.
@@ -200,15 +207,71 @@ def tokenizer_one(model: Model, precision: str, images: np.ndarray, steps: int):
     compiled = tok.lower(flat).compile()
     compile_s = time.perf_counter() - t0
     tokens = np.asarray(compiled(flat))
-    t0 = time.perf_counter()
+    runs = []
     for _ in range(steps):
-        out = compiled(flat)
-    jax.block_until_ready(out)
-    dt = time.perf_counter() - t0
-    row = {"what": "tokenizer", "precision": precision, "views_per_s": round(len(flat) * steps / dt, 3),
-           "views_per_step": len(flat), "steps": steps, "compile_s": round(compile_s, 2),
-           "device": jax.devices()[0].device_kind, **_versions()}
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(flat))
+        runs.append(time.perf_counter() - t0)
+    row = {"what": "tokenizer", "precision": precision, "views_per_s": round(len(flat) * steps / sum(runs), 3),
+           "views_per_step": len(flat), "steps": steps, "best_s": round(min(runs), 4),
+           "compile_s": round(compile_s, 2), "device": jax.devices()[0].device_kind, **_versions()}
     return row, tokens
+
+
+def split_one(model: Model, precision: str, attention: str, tokens: np.ndarray, tokenizer_s: float,
+              steps: int, step_s: float) -> dict:
+    """Where one step's time goes, each part compiled and timed alone (best of `steps` runs) on
+    one step's views: tokenizer (`tokenizer_s`, from `tokenizer_one`, which made `tokens`
+    (views, L)), teacher-forcing input, the transformer without recording, the recording's
+    reductions (the transformer with the study's 48 sites, minus without), and the rest of
+    the step (`step_s`: loss, statistics). Parts compiled apart need not add up exactly to
+    the fused step, and on a busy machine a small difference can come out negative."""
+    from varjax.record import _precision
+    from varjax.taps import NO_TAPS
+    from varjax.vqvae import VQVAE
+
+    cfg, params = model.config, model.params
+    dtype = jnp.bfloat16 if precision in BF16_MODES else jnp.float32
+
+    @jit
+    def var_input(tokens):
+        with _precision(precision, "vqvae"):
+            return model.vqvae.apply({"params": params["vqvae"]}, tokens, cfg.patch_nums, method=VQVAE.var_input)
+
+    def transformer(taps):
+        var = VAR(cfg.var, taps, dtype=dtype, attention=attention)
+
+        @jit
+        def forward(labels, x):
+            with _precision(precision, "var"):
+                logits, sown = var.apply({"params": params["var"]}, labels, x, None, mutable=[COLLECTION])
+            return logits, collect(sown.get(COLLECTION, {}))
+        return forward
+
+    ends = np.cumsum([p * p for p in cfg.patch_nums])[:-1]
+    per_scale = tuple(jax.device_put(t) for t in np.split(tokens, ends, axis=1))
+    labels = jnp.zeros(len(tokens), jnp.int32)
+    x = var_input(per_scale)
+    seconds = {"tokenizer_s": tokenizer_s, "var_input_s": _best(var_input, (per_scale,), steps),
+               "transformer_s": _best(transformer(NO_TAPS), (labels, x), steps)}
+    with_taps = _best(transformer(TapConfig(sites=UNIT_SITES)), (labels, x), steps)
+    seconds["reductions_s"] = with_taps - seconds["transformer_s"]
+    seconds["rest_s"] = step_s - with_taps - seconds["tokenizer_s"] - seconds["var_input_s"]
+    return {"what": "split", "precision": precision, "attention": attention, "views_per_step": len(tokens),
+            "step_s": round(step_s, 4), **{k: round(v, 4) for k, v in seconds.items()},
+            **{k.replace("_s", "_share"): round(v / step_s, 3) for k, v in seconds.items()},
+            "device": jax.devices()[0].device_kind, **_versions()}
+
+
+def _best(fn, args: tuple, steps: int) -> float:
+    """Seconds of the fastest of `steps` runs of `fn(*args)`, after one warm-up run."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def precision_cost(ref: tuple, got: tuple, precision: str, attention: str, n_images: int, views: int) -> dict:
@@ -245,7 +308,7 @@ def _token_fn(model: Model, precision: str):
 
     vqvae = tokenizer(model, precision)
 
-    @jax.jit
+    @jit
     def tok(images):
         with _precision(precision, "vqvae"):
             t = vqvae.apply({"params": model.params["vqvae"]}, images, model.config.patch_nums,
@@ -275,7 +338,7 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=8, help="augmentations per image")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--attention", action="append", choices=ATTENTION,
-                    help="attention kernel to time (repeatable; default einsum)")
+                    help="attention kernel to time (repeatable; default auto: blocked on a CPU)")
     ap.add_argument("--variant", action="append", type=_variant, metavar="P:A:B",
                     help="time exactly these precision:attention:images-per-step settings "
                          "(repeatable; replaces the --precision x --attention grid)")
@@ -284,11 +347,16 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     ap.add_argument("--skip-tokenizer", action="append", choices=PRECISIONS, metavar="PRECISION",
                     help="no tokenizer-alone timing (nor token comparison) for this precision (repeatable)")
+    ap.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                    help="with each tokenizer line, time the step's parts alone (a 'split' line; "
+                         "three more compilations per precision)")
     args = ap.parse_args(argv)
     variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
-                                for a in (args.attention or ("einsum",))]
-    if args.precision_cost and ("highest", "einsum") not in {(p, a) for p, a, _ in variants}:
-        variants.insert(0, ("highest", "einsum", variants[0][2]))  # the reference first
+                                for a in (args.attention or ("auto",))]
+    variants = [(p, attention_lib.resolve(a, jnp.bfloat16 if p in BF16_MODES else jnp.float32), b)
+                for p, a, b in variants]  # rows name the kernel that ran
+    if args.precision_cost and "highest" not in {p for p, _, _ in variants}:
+        variants.insert(0, ("highest", attention_lib.resolve("auto", jnp.float32), variants[0][2]))
     n_dev = len(jax.devices())
     for _, _, b in variants:
         if b % n_dev:
@@ -325,10 +393,14 @@ def main(argv=None) -> int:
             src = cost_imgs if cost_imgs is not None else _synthetic_images(b, args.views, cfg.resolution)
             trow, tokens[precision] = tokenizer_one(model, precision, src[:b], args.steps)
             print(json.dumps({"config": args.config, **trow}), flush=True)
+            if args.split:
+                srow = split_one(model, precision, attention, tokens[precision], trow["best_s"], args.steps,
+                                 b / row["images_per_s"])
+                print(json.dumps({"config": args.config, **srow}), flush=True)
         if first:
             results[(precision, attention)] = (mu, tokens.get(precision))
             # each row as soon as it and highest are in (a run cut short keeps what it has)
-            ref = results.get(("highest", "einsum"))
+            ref = next((v for k, v in results.items() if k[0] == "highest"), None)  # the first highest
             for key in [k for k in results if ref is not None and k not in reported]:
                 reported.add(key)
                 cost_row = precision_cost(ref, results[key], *key, args.images, args.views)

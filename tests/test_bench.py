@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,11 @@ def test_throughput_line_has_every_field():
     (row,) = [r for r in rows if r["what"] == "throughput"]
     (tok,) = [r for r in rows if r["what"] == "tokenizer"]
     assert tok["views_per_step"] == 4 and tok["views_per_s"] > 0
+    (split,) = [r for r in rows if r["what"] == "split"]
+    assert split["attention"] == row["attention"] and split["step_s"] > 0
+    parts = ("tokenizer_s", "var_input_s", "transformer_s", "reductions_s", "rest_s")
+    assert all(split[k] > 0 for k in parts[:3])
+    assert sum(split[k] for k in parts) == pytest.approx(split["step_s"], abs=1e-3)
     for key in ("images_per_s", "views_per_s", "compile_s", "tflop_per_s", "gflop_per_view",
                 "peak_device_mem_gib", "device", "jax", "precision"):
         assert key in row, key
@@ -34,7 +41,7 @@ def test_precision_cost_compares_against_highest():
                   "--images-per-step", "4", "--precision", "bf16")
     by = {r["precision"]: r for r in rows if r["what"] == "precision_cost"}
     assert set(by) == {"highest", "bf16"}
-    assert {r["what"] for r in rows} == {"throughput", "tokenizer", "precision_cost"}
+    assert {r["what"] for r in rows} == {"throughput", "tokenizer", "split", "precision_cost"}
     ref = by["highest"]
     assert ref["identical_tokens"] == 1.0 and ref["mu_max_rel_err"] == 0.0 and ref["u10_jaccard"] == 1.0
     # bf16 is not float32: its mu must differ (a mode that silently ran in float32 fails here)
