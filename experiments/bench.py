@@ -353,10 +353,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
                                 for a in (args.attention or ("auto",))]
-    variants = [(p, attention_lib.resolve(a, jnp.bfloat16 if p in BF16_MODES else jnp.float32), b)
-                for p, a, b in variants]  # rows name the kernel that ran
-    if args.precision_cost and "highest" not in {p for p, _, _ in variants}:
-        variants.insert(0, ("highest", attention_lib.resolve("auto", jnp.float32), variants[0][2]))
     n_dev = len(jax.devices())
     for _, _, b in variants:
         if b % n_dev:
@@ -371,6 +367,13 @@ def main(argv=None) -> int:
     else:
         cfg = config_lib.PRESETS[args.config]()
         model = Model(cfg, init_params(cfg, seed=0))
+    def kernel(precision: str, attention: str) -> str:  # rows name the kernel that ran
+        dtype = jnp.bfloat16 if precision in BF16_MODES else jnp.float32
+        return attention_lib.resolve(attention, dtype, cfg.patch_nums)
+
+    variants = [(p, kernel(p, a), b) for p, a, b in variants]
+    if args.precision_cost and "highest" not in {p for p, _, _ in variants}:
+        variants.insert(0, ("highest", kernel("highest", "auto"), variants[0][2]))  # the reference
     cost_imgs = _synthetic_images(args.images, args.views, cfg.resolution, seed=1) if args.precision_cost else None
     tokens = {}  # precision -> tokens of the tokenizer-alone run
     results, reported = {}, set()  # (precision, attention) -> (mu, tokens); cost rows printed

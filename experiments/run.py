@@ -224,7 +224,8 @@ def run(args) -> Path:
               file=sys.stderr)
     # the concrete kernel, so run.json names what ran
     args.attention = attention_lib.resolve(
-        args.attention, jnp.bfloat16 if args.precision in ("bf16", "bf16_full") else jnp.float32)
+        args.attention, jnp.bfloat16 if args.precision in ("bf16", "bf16_full") else jnp.float32,
+        model.config.patch_nums)
     opts = Options(batch_size=args.batch_size, precision=args.precision,
                    save_activations=args.save_activations, per_scale=args.per_scale,
                    class_dropout=args.class_dropout, seed=args.seed, attention=args.attention)

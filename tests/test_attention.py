@@ -61,10 +61,11 @@ def test_blocked_keeps_the_compute_dtype():
 
 
 def test_auto_picks_the_backends_kernel():
-    want = {"cpu": "blocked", "gpu": "einsum"}.get(jax.default_backend(), "einsum")
-    assert attention.resolve("auto", jnp.float32) == want
-    assert attention.resolve("fused", jnp.float32) == "fused"
-    assert PATCH_NUMS_512[-1] ** 2 >= attention.MIN_GROUP_TOKENS  # the 512 px scales get groups
+    cpu = jax.default_backend() == "cpu"
+    assert attention.resolve("auto", jnp.float32, PATCH_NUMS_256) == ("blocked" if cpu else "einsum")
+    assert attention.resolve("auto", jnp.float32, PATCH_NUMS_512) == ("blocked" if cpu else "einsum")
+    assert attention.resolve("auto", jnp.float32, (1, 2, 3, 4)) == "einsum"  # nothing to block
+    assert attention.resolve("fused", jnp.float32, PATCH_NUMS_256) == "fused"
 
 
 def test_compiled_programs_get_the_options():

@@ -14,7 +14,7 @@ so each group's logits (at most 256 x 680 floats, under 1 MB) stay in cache betw
 products and the softmax, instead of streaming B x H x L x L floats through memory (why the
 spelled-out attention ran at a third to a fifth of the speed of PyTorch's fused CPU kernel).
 Softmax over fewer keys is the same softmax: the skipped keys have weight exp(-inf) = 0.
-`auto` takes `blocked` on a CPU (`resolve`).
+`auto` takes `blocked` on a CPU when the pyramid has scales worth a group (`resolve`).
 
 Shape letters: B batch, L tokens, H heads, c head width, N = B * H, Q queries of a group,
 K keys of a group.
@@ -50,15 +50,18 @@ def query_groups(patch_nums: tuple[int, ...]) -> tuple[tuple[int, int, bool], ..
     return tuple(groups)
 
 
-def resolve(kind: str, dtype) -> str:
-    """The kernel `kind` names; "auto" is cuDNN's for bf16 on a GPU, `blocked` on a CPU, else
-    `einsum` (the backend is known when this runs, at trace time)."""
+def resolve(kind: str, dtype, patch_nums: tuple[int, ...]) -> str:
+    """The kernel `kind` names. "auto" (known at trace time): cuDNN's for bf16 on a GPU; on a
+    CPU `blocked` where some scale has a group of its own, else `einsum` (small pyramids such
+    as `micro`'s, whose whole logits fit in cache, gain nothing from it); elsewhere `einsum`."""
     if kind != "auto":
         return kind
     backend = jax.default_backend()
     if backend == "gpu" and jnp.dtype(dtype) == jnp.bfloat16:
         return "cudnn"
-    return "blocked" if backend == "cpu" else "einsum"
+    if backend == "cpu" and len(query_groups(tuple(patch_nums))) > 1:
+        return "blocked"
+    return "einsum"
 
 
 def blocked(q_BLHc, k_BLHc, v_BLHc, mask_LL, patch_nums: tuple[int, ...], scale: float,

@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
             scale = 1.0  # Upstream: softmax scale 1 with attn_l2_norm, NOT 1/sqrt(c).
         else:
             scale = 0.25 / np.sqrt(hd)
-        kind = attention_lib.resolve(self.attention, self.dtype)
+        kind = attention_lib.resolve(self.attention, self.dtype, c.patch_nums)
         if kind in ("fused", "cudnn"):
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask_LL[None, None], scale=scale,
