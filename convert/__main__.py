@@ -51,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     # Conversion needs no accelerator; keep jax from claiming (and logging about) one.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     signal.signal(signal.SIGTERM, _interrupt)  # a killed job cleans up like Ctrl-C
-    from convert import ConvertError, convert_checkpoints
+    from convert import convert_checkpoints
+    from varjax.errors import VarjaxError
 
     try:
         convert_checkpoints(args.var, args.vae, args.out, args.force, patch_nums=args.patch_nums)
-    except ConvertError as err:
+    except VarjaxError as err:  # ConvertError, or the checkpoint writer's CheckpointError
         print(f"convert: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -37,8 +37,6 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from varjax import config as config_lib  # noqa: E402
 from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
@@ -50,7 +48,7 @@ from varjax.var import ATTENTION, VAR  # noqa: E402
 from varjax.xla_options import jit  # noqa: E402
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
-# non-tensor-core float32 rate). perf.md measured ~790 bf16 on the H200 in practice.
+# non-tensor-core float32 rate). docs/performance.md: ~790 bf16 on the H200 in practice.
 PEAK_TFLOPS = {
     "H100": {"bf16": 989.0, "tf32": 494.0, "highest": 67.0},
     "H200": {"bf16": 989.0, "tf32": 494.0, "highest": 67.0},
@@ -83,7 +81,7 @@ def _synthetic_images(n: int, views: int, size: int, seed: int = 0) -> np.ndarra
 
 def _dot_conv_flops(jaxpr) -> float:
     """FLOPs of the matrix products and convolutions in a jaxpr (2 per multiply-add), sub-jaxprs
-    included; what PyTorch's FLOP counter counts, so comparable with shared/perf.md."""
+    included; what PyTorch's FLOP counter counts, so comparable with docs/performance.md."""
     total = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
@@ -123,7 +121,7 @@ def _versions() -> dict:
 
 
 def _empty_state(model: Model) -> dict:
-    return stats_lib.init_state(1, sum(n for *_, n in unit_layout(model)))
+    return stats_lib.init_state(1, unit_layout(model).n_units)
 
 
 def _compiled_mem_gib(compiled) -> float | None:

@@ -16,9 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "upstream_var"
 
 

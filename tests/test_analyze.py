@@ -1,21 +1,17 @@
-"""Tests of experiments/analyze.py (with figures.py and report.py) on hand-written run dirs."""
+"""Tests of varjax.analysis (rundir, compute, figures, report) on hand-written run dirs."""
 
-import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-try:
-    from experiments import analyze as A
-except ImportError:  # the checkout is not on sys.path (varjax not installed)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments import analyze as A
-from varjax import unitmem
+from experiments import analyze as analyze_cli
+from tests.conftest import unit_rows, write_run
+from varjax import analysis as A
+from varjax.analysis import report as report_lib
 
 N_PERM = 200  # enough to exercise the test; the default 10,000 is for real runs
 STUDY_FIGURES = ["fig1_u10_per_block", "fig2_mean_unitmem_per_block", "fig3_u10_per_type",
@@ -26,43 +22,7 @@ STUDY_FIGURES = ["fig1_u10_per_block", "fig2_mean_unitmem_per_block", "fig3_u10_
 @pytest.fixture
 def no_png(monkeypatch):
     """Skips rendering PNGs (the slow part) in tests about numbers, not figures."""
-    monkeypatch.setattr(A, "_save_figure", lambda fig, path: None)
-
-
-def _units(n_blocks: int, c: int) -> list[tuple[int, str, int]]:
-    return [(b, f"blocks.{b}.{s}", i) for b in range(n_blocks)
-            for s, w in (("attn.proj", c), ("ffn.fc1", 4 * c), ("ffn.fc2", c)) for i in range(w)]
-
-
-def write_run(d: Path, acts: np.ndarray | None, splits: list[str], units, npz: bool = False,
-              scales: int = 0, sources: list[str] | None = None) -> np.ndarray:
-    """Writes units.csv, samples.csv and activations.npy and/or stats_*.npz; returns sample ids."""
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / "units.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["unit", "block", "site", "index"])
-        w.writerows([u, *row] for u, row in enumerate(units))
-    ids = np.arange(len(splits)) + 100
-    with open(d / "samples.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sample", "split", "label", "source"])
-        for r, sp in enumerate(splits):
-            w.writerow([ids[r], sp, r % 4, sources[r] if sources else f"missing/{ids[r]}.png"])
-    if npz:
-        for sp in dict.fromkeys(splits):
-            rows = np.flatnonzero(np.array(splits) == sp)
-            st = unitmem.stats_from_matrix(acts, ids[rows], rows)
-            extra = {}
-            if scales:  # scale k: the same activations scaled per sample, so UnitMem differs
-                ramp = 1 + np.arange(len(ids))[:, None] / 10
-                sc = [unitmem.stats_from_matrix(acts * ramp ** k, ids[rows], rows) for k in range(scales)]
-                extra = {f"scale_{n}": np.stack([getattr(s, n) for s in sc])
-                         for n in ("max", "argmax", "sum")}
-            np.savez(d / f"stats_{sp}.npz", max=st.max, argmax=st.argmax, sum=st.sum,
-                     count=np.int64(st.count), **extra)
-    else:
-        np.save(d / "activations.npy", acts.astype(np.float32))
-    return ids
+    monkeypatch.setattr(A.F, "save", lambda fig, path: None)
 
 
 def hand_run(d: Path, sources=None) -> None:
@@ -79,7 +39,7 @@ def hand_run(d: Path, sources=None) -> None:
     acts[0, 10], acts[7, 10] = 1, 12
     acts[0, 11], acts[5, 11] = 1, 13
     acts[:, 0] = 0
-    write_run(d, acts, ["train"] * 20, _units(2, 1), sources=sources)
+    write_run(d, acts, ["train"] * 20, unit_rows(2, 1), sources=sources)
 
 
 def test_hand_run_numbers_report_and_figures(tmp_path):
@@ -132,16 +92,43 @@ def test_skipped_samples_are_left_out(tmp_path, no_png):
 
 
 def test_median_variant(tmp_path, no_png):
-    hand_run(tmp_path)
+    """5 samples (ids 100-104) x 12 units where the median and the mean of the others differ.
+
+    Units with a profile (the other 9 are 1 on every sample: UnitMem 0 in both variants):
+      unit 0 (block 0 attn.proj): 3 on id 102, others 0.5      -> mean = median = 0.5: 5/7
+      unit 7 (block 1 fc1):       4 on id 101, others 0.2      -> 3.8/4.2 = 19/21 in both
+      unit 11 (block 1 fc2):      3 on id 104, others 0,0,0,2.8 -> mean 0.7: 2.3/3.7 = 23/37;
+                                                                   median 0: 1
+    Mean: sorted tail 23/37, 5/7, 19/21 -> P90 = 23/37 + 0.9 (5/7 - 23/37), U10 = {0, 7}.
+    Median: tail 5/7, 19/21, 1 -> P90 = 5/7 + 0.9 (19/21 - 5/7), U10 = {7, 11}.
+    """
+    acts = np.ones((5, 12), np.float32)
+    acts[:, 0] = [0.5, 0.5, 3, 0.5, 0.5]
+    acts[:, 7] = [0.2, 4, 0.2, 0.2, 0.2]
+    acts[:, 11] = [0, 0, 0, 2.8, 3]
+    write_run(tmp_path, acts, ["train"] * 5, unit_rows(2, 1))
+    mean_p90, median_p90 = 23 / 37 + 0.9 * (5 / 7 - 23 / 37), 5 / 7 + 0.9 * (19 / 21 - 5 / 7)
+
     s = A.analyze(tmp_path, variant="median", n_permutations=N_PERM)
     assert s["variant"] == "median" and s["u10_count"] == 2
-    assert s["other_variant"]["variant"] == "mean"
+    assert s["p90"] == pytest.approx(median_p90)
+    assert s["unitmem"]["max"] == pytest.approx(1.0) and s["unitmem"]["mean"] == pytest.approx((5 / 7 + 19 / 21 + 1) / 12)
+    assert {k: v["u10_count"] for k, v in s["per_site"].items()} == {"attn.proj": 0, "ffn.fc1": 1, "ffn.fc2": 1}
+    assert [t["sample"] for t in s["top_samples"][:3]] == [101, 104, 100]  # NumMemUnits 1, 1, 0
+    o = s["other_variant"]
+    assert o["variant"] == "mean" and o["p90"] == pytest.approx(mean_p90) and o["u10_count"] == 2
+    assert o["u10_jaccard_with_main"] == pytest.approx(1 / 3)  # {0, 7} vs {7, 11}
     assert "median of the other N-1" in (tmp_path / "report.md").read_text()
+
+    m = A.analyze(tmp_path, n_permutations=N_PERM)  # the mean variant, the other way round
+    assert m["p90"] == pytest.approx(mean_p90) and m["other_variant"]["p90"] == pytest.approx(median_p90)
+    assert {k: v["u10_count"] for k, v in m["per_site"].items()} == {"attn.proj": 1, "ffn.fc1": 1, "ffn.fc2": 0}
+    assert [t["sample"] for t in m["top_samples"][:2]] == [101, 102]
 
 
 def test_stats_npz_run_with_val_matches_matrix_run(tmp_path):
     rng = np.random.default_rng(0)
-    units = _units(4, 2)  # 4 blocks x 12 units
+    units = unit_rows(4, 2)  # 4 blocks x 12 units
     acts = rng.gamma(2.0, 0.1, size=(30, len(units))).astype(np.float32)
     acts[rng.integers(0, 15, 20), rng.integers(0, len(units), 20)] += 3  # train samples memorized
     splits = ["train"] * 15 + ["val"] * 15
@@ -152,11 +139,11 @@ def test_stats_npz_run_with_val_matches_matrix_run(tmp_path):
         f.write("sample,loss,acc\n" + "".join(f"{i},{5 - 0.1 * k},0.5\n" for k, i in enumerate(ids)))
     (npz_dir / "run.json").write_text(json.dumps({"precision": "float32", "config": {"depth": 4}}))
     a = A.analyze(npz_dir, n_permutations=N_PERM)
-    A._save_figure, real_save = (lambda fig, path: None), A._save_figure  # numbers only
+    A.F.save, real_save = (lambda fig, path: None), A.F.save  # numbers only
     try:
         b = A.analyze(mat_dir, n_permutations=N_PERM)
     finally:
-        A._save_figure = real_save
+        A.F.save = real_save
     for key in ("u10_count", "p90", "samples_with_memunits_frac", "top5pct_coverage", "n_samples"):
         assert a[key] == pytest.approx(b[key]), key
     assert a["stats_source"] == "stats_npz" and a["variants_available"] == ["mean"]
@@ -221,7 +208,7 @@ def test_crash_while_rendering_leaves_no_report(tmp_path, monkeypatch, no_png):
     def boom(*args, **kwargs):
         raise RuntimeError("crash while rendering")
 
-    monkeypatch.setattr(A.report, "render_markdown", boom)
+    monkeypatch.setattr(report_lib, "render_markdown", boom)
     with pytest.raises(RuntimeError):
         A.analyze(tmp_path, n_permutations=N_PERM)
     assert not (tmp_path / "report.md").exists()
@@ -234,7 +221,7 @@ def test_bad_inputs(tmp_path, capsys, no_png):
         A.analyze(tmp_path)
     (tmp_path / "elsewhere.csv").rename(tmp_path / "samples.csv")
     np.save(tmp_path / "activations.npy", np.ones((20, 11), np.float32))
-    assert A.main([str(tmp_path)]) == 2
+    assert analyze_cli.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: activations.npy has shape (20, 11)") and "\n" not in err
     (tmp_path / "activations.npy").unlink()
@@ -247,7 +234,7 @@ def test_bad_inputs(tmp_path, capsys, no_png):
 
 def test_npz_inconsistent_with_samples(tmp_path, no_png):
     acts = np.random.default_rng(0).random((6, 12)).astype(np.float32)
-    write_run(tmp_path, acts, ["train"] * 6, _units(2, 1), npz=True)
+    write_run(tmp_path, acts, ["train"] * 6, unit_rows(2, 1), npz=True)
     with np.load(tmp_path / "stats_train.npz") as z:
         parts = dict(z)
     np.savez(tmp_path / "stats_train.npz", **{**parts, "count": np.int64(7)})

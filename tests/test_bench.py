@@ -90,7 +90,7 @@ def test_flop_count_of_products_and_convolutions():
 
 
 def test_d16_costs_what_upstream_counted():
-    """shared/perf.md: 525 GFLOP per 256 px view (PyTorch's FLOP counter, tokenizer + transformer)."""
+    """docs/performance.md: 525 GFLOP per 256 px view (PyTorch's FLOP counter, tokenizer + transformer)."""
     import dataclasses
 
     from varjax import config as config_lib

@@ -70,7 +70,8 @@ def test_exif_orientation_is_not_applied():
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all" * 10])
 def test_decode_rejects_garbage(data):
-    with pytest.raises(Exception):
+    # decode_rgb's documented error; the loader turns it into a skipped row (test_data_loader).
+    with pytest.raises(PIL.UnidentifiedImageError, match="cannot identify image file"):
         decode_rgb(data)
 
 
@@ -114,15 +115,18 @@ def test_view_v_does_not_depend_on_the_number_of_views():
     assert not np.array_equal(four[0], four[1])
 
 
-def test_deterministic_mode_is_resize_to_s_and_center_crop():
+def test_deterministic_mode_is_upstreams_validation_view():
+    """Resize the shorter side to round(mid_reso * S), then CenterCrop(S): upstream's
+    validation transform (utils/data.py), not a resize to S."""
     config = AugmentConfig(resolution=64, deterministic=True)
-    assert config.num_views == 1 and config.resize_to == 64
+    assert config.num_views == 1 and config.resize_to == 72  # round(1.125 * 64)
     img = coordinate_image(300, 200)
     out = augment(encode(img, "PNG"), 0, config, seed=0)
-    resized = np.asarray(img.resize((96, 64), PIL.Image.Resampling.LANCZOS))
-    top, left = center_offsets(64, 96, 64)
-    assert (top, left) == (0, 16)
-    np.testing.assert_array_equal(out[0], resized[:, 16:80])
+    resized = np.asarray(img.resize((108, 72), PIL.Image.Resampling.LANCZOS))
+    top, left = center_offsets(72, 108, 64)
+    assert (top, left) == (4, 22)
+    np.testing.assert_array_equal(out[0], resized[4:68, 22:86])
+    assert AugmentConfig(resolution=64, mid_reso=1.25, deterministic=True).resize_to == 80
     # torchvision uses Python's round (half to even): 0.5 -> 0 but 1.5 -> 2, not floor's 1.
     assert center_offsets(65, 64, 64) == (0, 0) and center_offsets(67, 64, 64) == (2, 0)
 

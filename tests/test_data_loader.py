@@ -145,6 +145,8 @@ def test_bad_images_are_skipped_and_recorded(bad_tree, tmp_path):
     assert [(s.sample, os.path.basename(s.source)) for s in loader.skipped] == \
         [(1, "b_truncated.jpg"), (2, "c_random_bytes.jpg"), (6, "g_empty.jpg")]
     assert "truncated" in loader.skipped[0].reason
+    unreadable = "UnidentifiedImageError: not a readable image (unknown format or corrupt data)"
+    assert [s.reason for s in loader.skipped[1:]] == [unreadable, unreadable]  # random bytes, empty file
     assert all("\n" not in s.reason for s in loader.skipped)
     flat_samples = np.concatenate([b["sample"] for b in batches])
     flat_valid = np.concatenate([b["valid"] for b in batches])

@@ -126,9 +126,10 @@ def test_mock_data_source(tmp_path):
 
 
 def test_unprepared_dataset_is_one_clear_error(tmp_path):
-    with pytest.raises(DataError, match="not prepared in .*IMAGENET_HOWTO") as err:
+    with pytest.raises(DataError, match="not prepared: nothing in .*IMAGENET_HOWTO") as err:
         open_source("imagenet2012", data_dir=str(tmp_path))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(tmp_path / "imagenet2012") in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # looking leaves nothing behind
 
 
 def test_unknown_name_is_one_clear_error():

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 import varjax
-from convert.core import convert_checkpoints
+from convert.core import convert_checkpoints  # needs torch: without it this module fails, never skips
 from varjax.taps import TapConfig, collect
+
+pytestmark = pytest.mark.torch
 
 DATA = Path(__file__).parent / "data" / "upstream_var"
 

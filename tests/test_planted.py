@@ -1,28 +1,41 @@
 """Tests of the planted-memorization pieces: the source, the training step, the shipped model,
-the canary analysis (experiments/planted.py) and its report section."""
+the canary analysis (varjax/analysis/planted.py) and its report section."""
 
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 
-try:
-    from experiments import analyze as A
-except ImportError:  # the checkout is not on sys.path (varjax not installed)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from experiments import analyze as A
-from experiments import planted as P
-from experiments import train_planted as T
+from tests.conftest import assert_canaries_found, canary_numbers, unit_rows, write_run
+from varjax import analysis as A
+from varjax import train_planted as T
+from varjax.analysis.planted import FIGURE as PLANTED_FIGURE
 from varjax.data import open_source, select
-from varjax.data.planted import (DUPLICATES, HELDOUT_PER_CLASS, PLANTED_CLASSES, SINGLES_PER_CLASS, PlantedSource,
-                                 Role, default_checkpoint, generate, parse_role, training_list)
+from varjax.data.planted import (
+    DUPLICATES,
+    HELDOUT_PER_CLASS,
+    PLANTED_CLASSES,
+    SINGLES_PER_CLASS,
+    PlantedSource,
+    Role,
+    default_checkpoint,
+    generate,
+    parse_role,
+    training_list,
+)
+from varjax.study import record_planted
 
 N_PERM = 200  # exercises the permutation tests; real runs use 10,000
+
+
+def analyze_planted(run_dir, **kwargs):
+    """The planted tests of a run directory as planted.json holds them (None: not planted)."""
+    p = A.analyze_planted_run(run_dir, **kwargs)
+    return None if p is None else p.to_json()
 
 
 def test_source_is_deterministic_and_roles_parse():
@@ -118,8 +131,6 @@ def _planted_run(d: Path) -> list[str]:
     largest spikes, so U10 = units 0 and 1 both point at it), canary dup64/9 on units 4-6,
     canary dup4/0 on unit 7, singletons 0-3 a little on units 8-11. Loss: canaries 1, singletons 2, held-out 3 (+ noise).
     """
-    from tests.test_analyze import _units, write_run
-
     sources = (["planted:canary/dup64/8", "planted:canary/dup64/9", "planted:canary/dup4/0", "planted:canary/dup4/1"]
                + [f"planted:single/{i}" for i in range(10)] + [f"planted:heldout/{i}" for i in range(6)])
     order = np.random.default_rng(1).permutation(len(sources))  # roles mixed in sample-id order
@@ -135,7 +146,7 @@ def _planted_run(d: Path) -> list[str]:
                                      ("planted:canary/dup64/9", 3), ("planted:canary/dup4/0", 3)]
                                     + [(f"planted:single/{i}", 1.5) for i in range(4)]):
         acts[row[src], unit] = v
-    ids = write_run(d, acts, splits, _units(2, 1), npz=True, sources=sources)
+    ids = write_run(d, acts, splits, unit_rows(2, 1), npz=True, sources=sources)
     loss = np.array([{"canary": 1.0, "single": 2.0, "heldout": 3.0}[parse_role(s).kind] for s in sources])
     loss = loss + 0.1 * rng.random(n)
     with open(d / "per_sample.csv", "w", newline="") as f:
@@ -147,9 +158,9 @@ def _planted_run(d: Path) -> list[str]:
 
 def test_analyze_planted_on_a_hand_made_run(tmp_path):
     _planted_run(tmp_path)
-    out = P.analyze_planted(tmp_path, checkpoint=tmp_path / "none", n_permutations=N_PERM)
+    out = analyze_planted(tmp_path, checkpoint=tmp_path / "none", n_permutations=N_PERM)
     assert json.loads((tmp_path / "planted.json").read_text()) == out
-    assert (tmp_path / P.FIGURE).is_file()
+    assert (tmp_path / PLANTED_FIGURE).is_file()
     g = out["groups"]
     assert {k: v["n"] for k, v in g.items()} == {"heldout": 6, "single": 10, "canary dup4": 2, "canary dup64": 2}
     assert g["canary dup64"]["training_copies"] == 64 and g["heldout"]["training_copies"] == 0
@@ -170,55 +181,51 @@ def test_analyze_planted_on_a_hand_made_run(tmp_path):
     A.analyze(tmp_path, n_permutations=N_PERM)  # the report picks up planted.json
     text = (tmp_path / "report.md").read_text()
     assert "## Planted memorization" in text and "`planted:canary/dup64/8`" in text
-    assert f"]({P.FIGURE})" in text
+    assert f"]({PLANTED_FIGURE})" in text
 
 
 def test_analyze_planted_ignores_other_runs_and_refuses_mixed_ones(tmp_path):
-    from tests.test_analyze import _units, write_run
-
-    write_run(tmp_path / "demo", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
+    write_run(tmp_path / "demo", np.ones((6, 12), np.float32), ["train"] * 6, unit_rows(2, 1), npz=True,
               sources=[f"demo/train/{i}.png" for i in range(6)])
-    assert P.analyze_planted(tmp_path / "demo") is None
+    assert analyze_planted(tmp_path / "demo") is None
     assert not (tmp_path / "demo" / "planted.json").exists()
-    write_run(tmp_path / "mixed", np.ones((6, 12), np.float32), ["train"] * 6, _units(2, 1), npz=True,
+    write_run(tmp_path / "mixed", np.ones((6, 12), np.float32), ["train"] * 6, unit_rows(2, 1), npz=True,
               sources=["planted:single/0", "planted:single/1"] + [f"demo/train/{i}.png" for i in range(4)])
     with pytest.raises(A.AnalysisError, match="mixes planted and other sources"):
-        P.analyze_planted(tmp_path / "mixed")
+        analyze_planted(tmp_path / "mixed")
 
 
-# -- Sensitivity of the pipeline on the shipped model ------------------------------------------
-# Margins that held for every training seed tried (0-3, data seed 0, 8 views, crop seed 0;
-# measured values in brackets, seed 0 = the shipped model first). Each is looser than the worst
-# seed, so the test guards the pipeline (recording, statistics, ids, loss), not one seed's luck.
-NMU_AUC_MIN = 0.6  # canaries vs singletons, NumMemUnits over U10(D_all) [0.643, 0.764, 0.688, 0.825]
-NMU_P_MAX = 0.05  # its two-sided Mann-Whitney p [0.016, 7e-5, 0.0016, 5e-8]
-DUP64_RATIO_MIN = 5.0  # dup64 canaries' mean NumMemUnits / singletons' [17.6, 10.4, 11.1, 14.2]
-LOSS_AUC_MAX = 0.1  # canaries vs singletons, loss: P(canary's > singleton's) [0.024, 0.043, 0.048, 0.053]
-HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183, 0.211]
+# -- Sensitivity of the pipeline on the shipped model (margins: tests/conftest.py) ---------------
+# Seed 0's own values (the shipped model, 8 views, crop seed 0), measured on this CPU with
+# `pytest tests/test_planted.py -s -k finds` (the test prints them): identical at 16 and 8
+# images per step. The tolerances absorb another machine's rounding, which can move a few
+# near-tied argmaxes (one canary-singleton pair of 1,920 moves an AUC by 0.0005), not a
+# change of what is recorded (the attn.proj fix moved the first three by 0.017, x0.23, +15%).
+SEED0 = {"nmu_auc": 0.6596, "nmu_p": 0.00366, "dup64_ratio": 20.29, "loss_auc": 0.02448,
+         "heldout_loss_auc": 0.2174, "loss_gap": 3.007}
+SEED0_AUC_ATOL = 0.01  # nmu_auc, loss_auc, heldout_loss_auc
+SEED0_P_FACTOR = 2.0  # nmu_p within a factor of 2
+SEED0_RATIO_RTOL = 0.1  # dup64_ratio
+SEED0_GAP_ATOL = 0.01  # loss_gap, nats
 
 
 @pytest.fixture(scope="module")
 def shipped_run(tmp_path_factory):
     """The default run's recording (8 random views, crop seed 0) of the shipped model."""
     out = tmp_path_factory.mktemp("planted_run")
-    P.record_planted(default_checkpoint(), out)
-    return out, P.analyze_planted(out, checkpoint=default_checkpoint(), n_permutations=N_PERM)
+    record_planted(default_checkpoint(), out)
+    return out, analyze_planted(out, checkpoint=default_checkpoint(), n_permutations=N_PERM)
 
 
 def test_pipeline_finds_the_planted_canaries(shipped_run):
     run_dir, result = shipped_run
-    t, g = result["tests"], result["groups"]
-    nmu = t["nmu_u10"]["canary vs single"]
-    assert nmu["auc"] > NMU_AUC_MIN and nmu["p_mannwhitney"] < NMU_P_MAX, nmu
-    assert g["canary dup64"]["nmu_u10"]["mean"] > DUP64_RATIO_MIN * g["single"]["nmu_u10"]["mean"]
-    assert t["loss"]["canary vs single"]["auc"] < LOSS_AUC_MAX
-    assert t["loss"]["single vs heldout"]["auc"] < HELDOUT_LOSS_AUC_MAX
-    # Every 64-fold canary is fitted better than every singleton [gap >= 1.35 nats in all seeds].
-    with open(run_dir / "samples.csv", newline="") as f:
-        role = {r["sample"]: parse_role(r["source"]) for r in csv.DictReader(f)}
-    with open(run_dir / "per_sample.csv", newline="") as f:
-        loss = [(role[r["sample"]], float(r["loss"])) for r in csv.DictReader(f)]
-    dup64 = [x for r, x in loss if r.kind == "canary" and r.dup == 64]
-    assert len(dup64) == 4 and max(dup64) < min(x for r, x in loss if r.kind == "single")
+    n = canary_numbers(run_dir, result)
+    print("\nseed 0: " + ", ".join(f"{k} {v:.4g}" for k, v in n.items()))
+    assert_canaries_found(n)
+    for key in ("nmu_auc", "loss_auc", "heldout_loss_auc"):
+        assert n[key] == pytest.approx(SEED0[key], abs=SEED0_AUC_ATOL), key
+    assert SEED0["nmu_p"] / SEED0_P_FACTOR < n["nmu_p"] < SEED0["nmu_p"] * SEED0_P_FACTOR, n["nmu_p"]
+    assert n["dup64_ratio"] == pytest.approx(SEED0["dup64_ratio"], rel=SEED0_RATIO_RTOL)
+    assert n["loss_gap"] == pytest.approx(SEED0["loss_gap"], abs=SEED0_GAP_ATOL)
     assert result["model"]["params_sha256"] == json.loads(
         (default_checkpoint() / "planted.json").read_text())["params_sha256"]

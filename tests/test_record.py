@@ -3,6 +3,7 @@ padding and a SIGKILL never change the results."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,20 +17,31 @@ import numpy as np
 import pytest
 
 from tests import record_worker as rw
-from varjax.driver import record
 from varjax.data import DataError
-from varjax.stats import TIE_RTOL
+from varjax.driver import record
+from varjax.model import Model
 from varjax.record import Options, Plan, RecordError
+from varjax.stats import TIE_RTOL
+from varjax.taps import UNIT_SITES, TapConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, str(ROOT / "tests" / "record_worker.py")]
 
-# Float sums over a different batch/device split are summed in another order: float32
-# rounding, measured at ~2e-7 relative; argmax is exact by construction (ties -> lowest id).
+# Another batch/device split or a resume sums the same float32 values in another order and
+# lets XLA block the same matmuls differently; the pass's compiled graph and `teacher_forced`
+# differ the same way. Largest relative difference measured (values above 1e-6), against the
+# reference run over the device, process and resume tests: activations 1.4e-6, max 3.7e-7,
+# sum 2.4e-7, scale_max 1.9e-6, scale_sum 2.0e-6, per-sample rows 2.5e-7; against numpy on
+# `teacher_forced`: activations 1.4e-6, max 4.5e-7, sum 2.6e-7, scale_max 1.9e-6, scale_sum 2.0e-6,
+# per-sample rows 2.1e-7. Both tests print theirs:
+#   pytest tests/test_record.py -s -k "devices or processes or resume or direct"
+# argmax and counts are compared exactly (ties -> lowest id by construction, stats.py).
 SUM_RTOL = 1e-5
-# mu itself is computed per sample; another batch composition changes XLA's blocking of the
-# same matmuls only by rounding (measured 0 to 3e-7 relative).
 MU_RTOL = 1e-5
+# per_sample.csv holds 7 significant digits (5e-8 relative rounding) of float32 values.
+PER_SAMPLE_RTOL = 1e-5
+# record.json fields that say how a run was executed, not what it computed.
+HOW_IT_RAN = {"batch_size", "devices", "processes", "compile_s", "images_per_s"}
 
 
 def _run_worker(out: Path, *args: str, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
@@ -37,22 +49,52 @@ def _run_worker(out: Path, *args: str, env: dict | None = None, **popen) -> subp
                           env={**os.environ, **(env or {})}, cwd=ROOT, **popen)
 
 
-def _load(run: Path) -> dict[str, np.ndarray]:
-    out = {}
+def _read_per_sample(path: Path) -> dict:
+    """per_sample.csv -> {"columns": names after `sample`, "sample": (N,) ids, "values": (N, C)}."""
+    header, *rows = [line.split(",") for line in path.read_text().splitlines()]
+    assert header[0] == "sample", header
+    return {"columns": header[1:], "sample": np.array([int(r[0]) for r in rows], np.int64),
+            "values": np.array([[float(v) for v in r[1:]] for r in rows], np.float64).reshape(len(rows), -1)}
+
+
+def _load(run: Path) -> dict:
+    """Every output file of a finished run directory, as comparable values."""
+    out = {"files": sorted(p.name for p in run.iterdir())}
     for split in ("train", "val"):
         with np.load(run / f"stats_{split}.npz") as z:
             out.update({f"{split}/{k}": z[k] for k in z.files})
     out["activations"] = np.load(run / "activations.npy")
+    per_sample = _read_per_sample(run / "per_sample.csv")
+    out["per_sample/columns"], out["per_sample/sample"] = per_sample["columns"], per_sample["sample"]
+    out["per_sample/values"] = per_sample["values"]
+    for name in ("units.csv", "skipped.csv"):
+        out[name] = (run / name).read_text()
+    info = json.loads((run / "record.json").read_text())
+    out["record.json"] = {k: v for k, v in info.items() if k not in HOW_IT_RAN}
     return out
 
 
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    """Largest |got - want| / |want| over the values above the comparison's atol (1e-6)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    big = np.abs(want) > 1e-6
+    return float((np.abs(got - want)[big] / np.abs(want[big])).max()) if big.any() else 0.0
+
+
 def _assert_same(a: dict, b: dict) -> None:
+    """Two runs' outputs equal: ids, argmax, counts and text exactly, floats within rounding."""
     assert a.keys() == b.keys()
+    worst = {}
     for k in a:
-        if "argmax" in k or k.endswith("count"):
+        if isinstance(a[k], (list, str, dict)):
+            assert a[k] == b[k], k
+        elif "argmax" in k or k.endswith(("count", "/sample")):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         else:
-            np.testing.assert_allclose(a[k], b[k], rtol=SUM_RTOL, atol=1e-6, err_msg=k)
+            rtol = PER_SAMPLE_RTOL if k.startswith("per_sample") else SUM_RTOL
+            np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=1e-6, err_msg=k)
+            worst[k] = _rel(b[k], a[k])
+    print("\nlargest relative difference: " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
 
 
 @pytest.fixture(scope="module")
@@ -64,35 +106,71 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_stats_equal_direct_numpy(tmp_path):
-    """Statistics from the pass == numpy on per-sample outputs of `teacher_forced`."""
+def _direct(model, plan) -> dict[str, np.ndarray]:
+    """Per-sample outputs of the pass, computed in numpy from `teacher_forced` (float64).
+
+    Unit values come from the signed (L, units) activations of every site, so neither the
+    per-scale averaging matrix of varjax.taps nor the pass's loss code is used here.
+    Returns mu (N, U), scale_mu (N, K, U) and per_sample (N, 2 + 2K) in per_sample.csv's
+    column order (loss, acc, loss_s*, acc_s*).
+    """
+    full = Model(model.config, model.params, TapConfig(reductions=("full",)))
+    pn = model.config.patch_nums
+    bounds = np.cumsum([0] + [p * p for p in pn])
+    sites = [f"blocks.{b}.{s}" for b in range(model.config.var.depth) for s in UNIT_SITES]
+    mu, scale_mu, per_sample = [], [], []
+    for r in range(len(plan)):
+        tokens = model.tokenize(rw.views(r))
+        logits, acts = full.teacher_forced(np.full(rw.NUM_VIEWS, plan.labels[r]), tokens, reduction="full")
+        x = np.abs(np.concatenate([np.asarray(acts[s], np.float64) for s in sites], axis=-1))  # (A, L, U)
+        by_scale = [x[:, a:b].mean(1) for a, b in zip(bounds[:-1], bounds[1:])]  # K x (A, U)
+        mu.append(x.mean(1).mean(0))
+        scale_mu.append(np.stack(by_scale, 1).mean(0))
+        z = np.asarray(logits, np.float64)  # (A, L, V)
+        target = np.concatenate([np.asarray(t) for t in tokens], axis=1)  # (A, L)
+        logp = z - z.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, target[..., None], -1)[..., 0]
+        hit = (z.argmax(-1) == target).astype(np.float64)
+        per_scale = [(v[:, a:b].mean(1).mean(0)) for v in (nll, hit) for a, b in zip(bounds[:-1], bounds[1:])]
+        per_sample.append([nll.mean(1).mean(0), hit.mean(1).mean(0)] + per_scale)
+    return {"mu": np.stack(mu), "scale_mu": np.stack(scale_mu), "per_sample": np.array(per_sample)}
+
+
+def test_stats_and_per_sample_rows_equal_direct_numpy(tmp_path):
+    """Statistics, activations and per_sample.csv from the pass == numpy on `teacher_forced`."""
     model, plan = rw.model(), rw.plan()
     with jax.default_matmul_precision("highest"):
-        record(model, plan, tmp_path, rw.NUM_VIEWS, Options(batch_size=4, save_activations=True),
+        record(model, plan, tmp_path, rw.NUM_VIEWS, Options(batch_size=4, save_activations=True, per_scale=True),
                image_shape=(64, 64))
-        direct = []
-        for r in range(len(plan)):
-            views = rw.views(r)
-            _, acts = model.teacher_forced(np.full(rw.NUM_VIEWS, plan.labels[r]), model.tokenize(views))
-            direct.append(np.concatenate([np.asarray(acts[k]) for k in acts], axis=1).mean(0))
-    direct = np.stack(direct)  # (N, U), unit order of units.csv
-    mu = np.load(tmp_path / "activations.npy")
-    np.testing.assert_allclose(mu, direct, rtol=MU_RTOL, atol=1e-7)
+        direct = _direct(model, plan)
+    worst = {}
+
+    def close(name, got, want, rtol, atol):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)
+        worst[name] = max(worst.get(name, 0.0), _rel(got, want))
+
+    close("activations", np.load(tmp_path / "activations.npy"), direct["mu"], MU_RTOL, 1e-7)
     for s, split in enumerate(plan.split_names):
         rows = plan.splits == s
         with np.load(tmp_path / f"stats_{split}.npz") as z:
             got = {k: z[k] for k in z.files}
-        sub, ids = direct[rows], plan.ids[rows]
         assert got["count"] == rows.sum()  # padding rows are never counted
-        np.testing.assert_allclose(got["max"], sub.max(0), rtol=MU_RTOL)
-        np.testing.assert_allclose(got["sum"], sub.sum(0, dtype=np.float64), rtol=SUM_RTOL)
-        # argmax: the smallest id among the rows within TIE_RTOL of the max (stats.py)
-        near = sub >= sub.max(0) * (1 - TIE_RTOL)
-        want = np.where(near, ids[:, None], np.iinfo(np.int64).max).min(0)
-        assert (got["argmax"] == want).mean() >= 0.999, "argmax differs beyond boundary cases"
-    per_sample = np.genfromtxt(tmp_path / "per_sample.csv", delimiter=",", names=True)
+        for prefix, values in (("", direct["mu"][rows]), ("scale_", direct["scale_mu"][rows])):
+            close(prefix + "max", got[prefix + "max"], values.max(0), MU_RTOL, 0)
+            close(prefix + "sum", got[prefix + "sum"], values.sum(0), SUM_RTOL, 0)
+            # argmax: the smallest id among the rows within TIE_RTOL of the max (stats.py)
+            near = values >= values.max(0) * (1 - TIE_RTOL)
+            ids = plan.ids[rows].reshape((-1,) + (1,) * (values.ndim - 1))
+            want = np.where(near, ids, np.iinfo(np.int64).max).min(0)
+            assert (got[prefix + "argmax"] == want).mean() >= 0.999, f"{prefix}argmax differs beyond boundary cases"
+    per_sample = _read_per_sample(tmp_path / "per_sample.csv")
     assert per_sample["sample"].tolist() == plan.ids.tolist()
-    assert np.all((per_sample["acc"] >= 0) & (per_sample["acc"] <= 1)) and np.all(per_sample["loss"] > 0)
+    K = len(model.config.patch_nums)
+    assert per_sample["columns"] == ["loss", "acc"] + [f"loss_s{k}" for k in range(K)] + [f"acc_s{k}" for k in range(K)]
+    # 7 significant digits in the file; accuracy is a count of exact argmax hits.
+    close("per_sample", per_sample["values"], direct["per_sample"], PER_SAMPLE_RTOL, 1e-7)
+    print("\nlargest relative difference from numpy: " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()))
 
 
 def test_batch_size_and_devices_do_not_change_results(tmp_path, reference_run):
@@ -187,8 +265,19 @@ def test_unfinished_run_with_other_site_definitions_is_not_resumed(tmp_path):
 
 
 def test_bad_batch_size_and_precision(tmp_path):
-    with pytest.raises(RecordError, match="precision"):
-        record(rw.model(), rw.plan(), tmp_path, 2, Options(precision="fp8"), image_shape=(64, 64))
+    with pytest.raises(RecordError, match="unknown precision 'fp8'"):
+        Options(precision="fp8")
+    for bad in (0, -4):
+        with pytest.raises(RecordError, match=f"batch_size must be a positive integer, got {bad}"):
+            Options(batch_size=bad)
+    with pytest.raises(RecordError, match="checkpoint_every must be a positive integer"):
+        Options(checkpoint_every=0)
+    # 4 images a step cannot be split over 3 devices: refused before anything is written.
+    out = tmp_path / "run"
+    res = _run_worker(out, "--devices", "3", "--batch-size", "4")
+    assert res.returncode != 0
+    assert "RecordError: --batch-size 4 must be a multiple of the 3 devices and the 1 processes" in res.stderr, res.stderr
+    assert not out.exists()
 
 
 def test_unreadable_image_is_skipped_and_listed(tmp_path):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from experiments import run
+from tests.conftest import assert_canaries_found, canary_numbers
+from varjax.data.planted import default_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_FRACTIONS = ("samples_with_memunits_frac", "top1pct_coverage", "top5pct_coverage",
@@ -26,7 +28,8 @@ def demo_run(tmp_path_factory) -> Path:
 
 def test_demo_writes_every_output(demo_run):
     for name in ("report.md", "summary.json", "units.csv", "samples.csv", "stats_train.npz",
-                 "stats_val.npz", "per_sample.csv", "activations.npy", "run.json", "record.json"):
+                 "stats_val.npz", "per_sample.csv", "activations.npy", "run.json", "record.json",
+                 "planted.json"):
         assert (demo_run / name).is_file(), name
     summary = json.loads((demo_run / "summary.json").read_text())
     for key in SUMMARY_FRACTIONS:
@@ -40,6 +43,26 @@ def test_demo_writes_every_output(demo_run):
     for f in figures:
         assert f"figures/{f.name}" in report, f.name
         assert f.stat().st_size > 5000, f"{f.name} looks empty"
+
+
+def test_demo_finds_the_planted_canaries(demo_run):
+    """The demo's known answer: the shipped model's canaries stand out, in what the run wrote.
+
+    At this test's 2 views (the demo takes 8) seed 0 measured NumMemUnits AUC 0.695
+    (p 0.0014), dup64 ratio 15.3, loss AUCs 0.067 and 0.262, loss gap 2.66 nats: inside every
+    margin of test_planted.py, which holds at 8 views for training seeds 0-3.
+    """
+    planted = json.loads((demo_run / "planted.json").read_text())
+    assert planted["model"]["checkpoint"] == str(default_checkpoint())
+    assert planted["model"]["checkpoint_from"] == "run.json"
+    assert {g: v["n"] for g, v in planted["groups"].items()} == {
+        "heldout": 64, "single": 160, "canary dup4": 4, "canary dup16": 4, "canary dup64": 4}
+    assert_canaries_found(canary_numbers(demo_run, planted))
+    report = (demo_run / "report.md").read_text()
+    nmu = planted["tests"]["nmu_u10"]["canary vs single"]
+    assert "## Planted memorization" in report
+    row = [line for line in report.splitlines() if line.startswith("| NumMemUnits, U10(D_all) | canary vs single |")]
+    assert len(row) == 1 and f"| {nmu['auc']:.3g} |" in row[0], row
 
 
 def test_rerun_resumes_not_recomputes(demo_run):
@@ -80,6 +103,7 @@ def test_reanalyze_hand_written_directory(tmp_path):
     (["--data", "/nonexistent/images"], "does not exist"),
     (["--reanalyze", "/nonexistent/run"], "no such run directory"),
     (["--preset", "study"], "needs --checkpoint"),
+    (["--data", "imagenet2012", "--data-dir", "/nonexistent/tfds"], "imagenet2012 is not prepared: nothing in /nonexistent/tfds"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--out", str(tmp_path / "o")] + argv,
@@ -115,3 +139,19 @@ def test_run_recorded_with_the_old_attn_proj_is_refused(demo_run, tmp_path, caps
         err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("run: error:")]
         assert len(err) == 1 and "before 2026-12-01" in err[0] and "record it again" in err[0], err
         assert not (old / "report.md").exists()
+
+
+def test_other_views_into_a_finished_run_are_refused_and_change_nothing(demo_run, capsys):
+    """Another crop scale (or any view setting) is another run: refused, and the refused
+    command leaves the directory's files as they were."""
+    before = {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()}
+    assert run.main(["--out", str(demo_run), "--augs", "2", "--mid-reso", "1.25"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("run: error:")]
+    assert len(err) == 1 and "other settings" in err[0], err
+    assert {p.name: p.read_bytes() for p in demo_run.iterdir() if p.is_file()} == before
+
+
+def test_refused_settings_leave_no_directory_behind(tmp_path):
+    out = tmp_path / "never"
+    assert run.main(["--out", str(out), "--augs", "2", "--precision", "tf32", "--attention", "cudnn"]) == 2
+    assert not out.exists()

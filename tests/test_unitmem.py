@@ -1,16 +1,10 @@
 """Tests of varjax/unitmem.py: the study's metrics on toy arrays with hand-computed answers."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-try:
-    from varjax import unitmem as um_lib
-except ImportError:  # varjax not installed: import it from the checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from varjax import unitmem as um_lib
+from varjax import unitmem as um_lib
 
 # Rows deliberately NOT in sample-id order, so the tie-break by sample id is exercised.
 IDS = np.array([12, 10, 13, 11])
@@ -136,13 +130,13 @@ def test_coverage_floor_and_ties():
     nmu[[5, 9]] = 10  # two samples with 10 units each
     nmu[100:120] = 1  # 20 samples with one unit each
     cov = um_lib.coverage(nmu, ids)
-    assert cov["samples_with_memunits"] == 22
-    assert cov["samples_with_memunits_frac"] == pytest.approx(22 / 250)
-    top = {t["fraction"]: t for t in cov["top"]}
-    assert [top[p]["n_samples"] for p in (0.01, 0.05, 0.1)] == [2, 12, 25]
-    assert top[0.01]["share"] == pytest.approx(20 / 40)
-    assert top[0.05]["share"] == pytest.approx(30 / 40)  # 2 x 10 + 10 of the ones
-    assert top[0.1]["share"] == pytest.approx(1.0)
+    assert cov.samples_with_memunits == 22
+    assert cov.samples_with_memunits_frac == pytest.approx(22 / 250)
+    top = {t.fraction: t for t in cov.top}
+    assert [top[p].n_samples for p in (0.01, 0.05, 0.1)] == [2, 12, 25]
+    assert top[0.01].share == pytest.approx(20 / 40)
+    assert top[0.05].share == pytest.approx(30 / 40)  # 2 x 10 + 10 of the ones
+    assert top[0.1].share == pytest.approx(1.0)
     # Ties broken by ascending sample id: ranks 3.. are ids 1100, 1101, ...
     order = um_lib.rank_samples(nmu, ids)
     np.testing.assert_array_equal(ids[order[:4]], [1005, 1009, 1100, 1101])
@@ -150,7 +144,7 @@ def test_coverage_floor_and_ties():
 
 def test_coverage_tiny_dataset_and_exact_floor():
     cov = um_lib.coverage(np.array([3, 0, 0, 0, 0, 0, 0, 0, 0, 1]), np.arange(10))
-    assert cov["top"][0]["n_samples"] == 0 and cov["top"][0]["share"] == 0.0
+    assert cov.top[0].n_samples == 0 and cov.top[0].share == 0.0
     assert um_lib.top_count(100, 0.29) == 29  # 100 * 0.29 is 28.999... in floats
     assert um_lib.top_count(8192, 0.01) == 81
 
@@ -182,16 +176,16 @@ def test_block_site_table():
                    0.2, 0.0, 0.0, 0.0, 0.0, 0.7])  # block 1
     mask = um >= 0.7
     t = um_lib.block_site_table(um, mask, lay)
-    np.testing.assert_array_equal(t["u10"], [[0, 2, 0], [0, 0, 1]])
-    np.testing.assert_array_equal(t["block_u10"], [2, 1])
-    np.testing.assert_allclose(t["mean"], [[0.1, 1.7 / 4, 0.3], [0.2, 0.0, 0.7]])
-    np.testing.assert_allclose(t["max"], [[0.1, 0.9, 0.3], [0.2, 0.0, 0.7]])
+    np.testing.assert_array_equal(t.u10, [[0, 2, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(t.block_u10, [2, 1])
+    np.testing.assert_allclose(t.mean, [[0.1, 1.7 / 4, 0.3], [0.2, 0.0, 0.7]])
+    np.testing.assert_allclose(t.max, [[0.1, 0.9, 0.3], [0.2, 0.0, 0.7]])
     # The block mean is over all 6 units: fc1 weighs 4x.
-    np.testing.assert_allclose(t["block_mean"], [2.1 / 6, 0.9 / 6])
-    np.testing.assert_array_equal(t["site_u10"], [0, 2, 1])
-    np.testing.assert_allclose(t["site_u10_adjusted"], [0, 0.5, 1])  # fc1 count / 4
-    np.testing.assert_allclose(t["site_u10_frac"], [0, 2 / 8, 1 / 2])
-    np.testing.assert_allclose(t["site_mean"], [0.15, 1.7 / 8, 0.5])
+    np.testing.assert_allclose(t.block_mean, [2.1 / 6, 0.9 / 6])
+    np.testing.assert_array_equal(t.site_u10, [0, 2, 1])
+    np.testing.assert_allclose(t.site_u10_adjusted, [0, 0.5, 1])  # fc1 count / 4
+    np.testing.assert_allclose(t.site_u10_frac, [0, 2 / 8, 1 / 2])
+    np.testing.assert_allclose(t.site_mean, [0.15, 1.7 / 8, 0.5])
 
 
 def test_top_units_and_diversity():
@@ -202,9 +196,9 @@ def test_top_units_and_diversity():
     argmax = np.array([1, 1, 2, 3, 4, 5, 6, 7, 7, 7, 7, 7])
     labels = argmax % 2
     d = um_lib.diversity_by_depth(um, argmax, lay, labels, site=1, k=3)
-    np.testing.assert_array_equal(d["distinct_images"], [3, 1])  # block 1's fc1 top 3: all id 7
-    np.testing.assert_array_equal(d["distinct_classes"], [2, 1])
-    np.testing.assert_array_equal(d["k"], [3, 3])
+    np.testing.assert_array_equal(d.distinct_images, [3, 1])  # block 1's fc1 top 3: all id 7
+    np.testing.assert_array_equal(d.distinct_classes, [2, 1])
+    np.testing.assert_array_equal(d.k, [3, 3])
 
 
 def test_split_comparison_permutation_p_value():
@@ -212,14 +206,14 @@ def test_split_comparison_permutation_p_value():
     # relabellings, 2 reach |diff| >= 3, so p -> 1/3.
     r = um_lib.split_comparison(np.array([3, 0, 3, 0]), np.array([True, False, True, False]),
                                 n_permutations=20_000, seed=0)
-    assert (r["sum_train"], r["sum_val"], r["diff_mean"]) == (6, 0, 3)
-    assert r["p_value"] == pytest.approx(1 / 3, abs=0.015)
+    assert (r.sum_train, r.sum_val, r.diff_mean) == (6, 0, 3)
+    assert r.p_value == pytest.approx(1 / 3, abs=0.015)
     again = um_lib.split_comparison(np.array([3, 0, 3, 0]), np.array([True, False, True, False]),
                                     n_permutations=20_000, seed=0)
-    assert again["p_value"] == r["p_value"]  # fixed seed: reproducible
+    assert again.p_value == r.p_value  # fixed seed: reproducible
     flat = um_lib.split_comparison(np.ones(6), np.arange(6) < 2, n_permutations=100)
-    assert flat["p_value"] == 1.0 and flat["mean_train"] == flat["mean_val"] == 1.0
-    assert um_lib.split_comparison(np.ones(4), np.arange(4) < 2, n_permutations=0)["p_value"] is None
+    assert flat.p_value == 1.0 and flat.mean_train == flat.mean_val == 1.0
+    assert um_lib.split_comparison(np.ones(4), np.arange(4) < 2, n_permutations=0).p_value is None
     with pytest.raises(ValueError):
         um_lib.split_comparison(np.ones(4), np.ones(4, bool))
 
@@ -235,31 +229,39 @@ def test_split_comparison_matches_exact_permutation_distribution():
              for c in itertools.combinations(range(8), 4)]
     exact = np.mean(np.array(diffs) >= obs - 1e-12)
     r = um_lib.split_comparison(nmu, is_train, n_permutations=40_000, seed=3)
-    assert r["p_value"] == pytest.approx(exact, abs=0.01)
-    assert r["diff_mean"] == pytest.approx(nmu[is_train].mean() - nmu[~is_train].mean())
+    assert r.p_value == pytest.approx(exact, abs=0.01)
+    assert r.diff_mean == pytest.approx(nmu[is_train].mean() - nmu[~is_train].mean())
 
 
 def test_loss_correlation():
     nmu = np.array([0, 1, 2, 5, 9])
     r = um_lib.loss_correlation(np.array([5.0, 4.0, 3.0, 2.0, 1.0]), nmu)
-    assert r["rho"] == pytest.approx(-1.0) and r["n"] == 5
+    assert r.rho == pytest.approx(-1.0) and r.n == 5
     r = um_lib.loss_correlation(np.array([1.0, np.nan, 3.0, 4.0, 5.0]), nmu)
-    assert r["rho"] == pytest.approx(1.0) and r["n"] == 4
-    assert np.isnan(um_lib.loss_correlation(np.ones(5), nmu)["rho"])
+    assert r.rho == pytest.approx(1.0) and r.n == 4
+    assert np.isnan(um_lib.loss_correlation(np.ones(5), nmu).rho)
 
 
 def test_per_scale_view():
+    # K = 2 scales x 12 units (_layout), N = 3; each unit's stats built from the UnitMem it should
+    # have: max m = 2 and mean of the others r = m (1 - UM) / (1 + UM), so sum = m + 2 r.
     lay = _layout()
-    rng = np.random.default_rng(2)
-    acts = rng.random((2, 5, 12))  # K=2 scales, N=5, U=12
-    ids = np.arange(5)
-    per = [um_lib.stats_from_matrix(acts[k], ids) for k in range(2)]
-    stacked = um_lib.UnitStats(np.stack([p.max for p in per]), np.stack([p.argmax for p in per]),
-                               np.stack([p.sum for p in per]), 5)
-    v = um_lib.per_scale_view(stacked, lay, 90, overall_mask=np.ones(12, bool))
-    for k in range(2):
-        np.testing.assert_allclose(v["um"][k], um_lib.unitmem_mean(per[k]))
-        assert v["threshold"][k] == pytest.approx(np.percentile(v["um"][k], 90))
-        assert v["u10"][k].sum() == (v["um"][k] >= v["threshold"][k]).sum()
-    assert v["u10"].shape == (2, 3) and v["mean"].shape == (2, 3)
-    np.testing.assert_allclose(v["overlap"], [1.0, 1.0])
+    um = np.zeros((2, 12))
+    um[0, [0, 5, 11]] = [0.9, 0.5, 0.8]
+    um[1, [1, 2, 10]] = [0.6, 0.6, 0.2]
+    m = np.full((2, 12), 2.0)
+    stats = um_lib.UnitStats(m, np.zeros((2, 12), np.int64), m + 2 * m * (1 - um) / (1 + um), 3)
+    overall = np.zeros(12, bool)
+    overall[[0, 1, 2, 7]] = True  # a partial U10 of the all-token UnitMem
+    v = um_lib.per_scale_view(stats, lay, 90, overall_mask=overall)
+    np.testing.assert_allclose(v.um, um, atol=1e-12)
+    # Sorted, 12 values: position 0.9 * 11 = 9.9 -> s_9 + 0.9 (s_10 - s_9).
+    #   scale 0: nine 0s, 0.5, 0.8, 0.9 -> 0.5 + 0.9 * 0.3 = 0.77: U = {0 (attn.proj), 11 (fc2)}
+    #   scale 1: nine 0s, 0.2, 0.6, 0.6 -> 0.2 + 0.9 * 0.4 = 0.56: U = {1, 2} (fc1)
+    np.testing.assert_allclose(v.threshold, [0.77, 0.56])
+    np.testing.assert_array_equal(v.u10, [[1, 0, 1], [0, 2, 0]])  # per (attn.proj, ffn.fc1, ffn.fc2)
+    # Mean per site: attn.proj units 0 and 6, fc1 units 1-4 and 7-10, fc2 units 5 and 11.
+    np.testing.assert_allclose(v.mean, [[0.45, 0.0, 0.65], [0.0, 1.4 / 8, 0.0]])
+    # Scale 0's U: {0, 11}, of which 0 is in the overall U10; scale 1's {1, 2}: both are.
+    np.testing.assert_allclose(v.overlap, [0.5, 1.0])
+    assert um_lib.per_scale_view(stats, lay, 90).overlap is None

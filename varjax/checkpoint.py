@@ -20,15 +20,12 @@ from typing import Any
 import numpy as np
 
 from varjax.config import ModelConfig
+from varjax.errors import CheckpointError
 
 FORMAT = "varjax.converted/1"  # manifest["format"]; bump when the layout changes
 PARAMS = "params"
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(Exception):
-    """A directory that is not a readable converted checkpoint (one-line message)."""
 
 
 def load_converted(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,9 +31,24 @@ from jax.experimental import multihost_utils
 
 from varjax import stats as stats_lib
 from varjax.model import Model
-from varjax.record import Options, check_backend, Plan, RecordError, compile_step, unit_layout
+from varjax.names import UnitLayout
+from varjax.record import (
+    CompiledStep,
+    Options,
+    Plan,
+    RecordError,
+    check_backend,
+    compile_step,
+    unit_layout,
+)
+from varjax.runfiles import (
+    SKIPPED_COLUMNS,
+    atomic_save_npz,
+    atomic_write_text,
+    write_csv,
+    write_units_csv,
+)
 from varjax.taps import SITE_DEFINITIONS, UNIT_SITES
-from varjax.runfiles import SKIPPED_COLUMNS, atomic_save_npz, atomic_write_text, write_csv, write_units_csv
 
 PROGRESS = "progress.npz"
 DONE = "record.json"
@@ -49,7 +65,7 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         w.update(jax.tree_util.keystr(path).encode())
         w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
     return {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "view": plan.view, "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
@@ -111,6 +127,170 @@ class _Progress:
         return (self.done - self.start_rows) / max(time.perf_counter() - self.t0, 1e-9)
 
 
+def _finished(out: Path, fp: dict[str, Any]) -> dict[str, Any] | None:
+    """record.json of a finished run with this fingerprint; None if there is none."""
+    if not (out / DONE).exists():
+        return None
+    info = json.loads((out / DONE).read_text())
+    check_sites(info.get("fingerprint", {}), out)
+    if info.get("fingerprint") == fp:
+        return info
+    raise RecordError(f"{out} holds a finished run with other settings; choose another --out")
+
+
+@dataclasses.dataclass
+class _Resume:
+    """Where the run stands: host statistics, rows of this host's shard done, skipped rows."""
+
+    state: dict
+    position: int
+    skipped: list[tuple[int, str]]
+
+
+def _resume(out: Path, resume_key: dict[str, Any], fresh_state: dict) -> _Resume:
+    """The saved progress of an unfinished run with this key, or a fresh start.
+
+    Position = rows of this host's shard done (the same on every host: they step together);
+    shard boundaries depend on the process count, so the key holds it.
+    """
+    if not (out / PROGRESS).exists():
+        return _Resume(fresh_state, 0, [])
+    with np.load(out / PROGRESS) as z:
+        check_sites(json.loads(str(z["fingerprint"])), out)
+        if json.loads(str(z["fingerprint"])) != resume_key:
+            raise RecordError(f"{out} holds an unfinished run with other settings "
+                              "(data, views, precision, model or process count); choose another --out")
+        state = {k: z["state_" + k] for k in fresh_state}
+        resumed = _Resume(state, int(z["position"]), [tuple(x) for x in json.loads(str(z["skipped"]))])
+    if jax.process_index() == 0:
+        print(f"[record] resuming after {resumed.position} images per process", file=sys.stderr)
+    return resumed
+
+
+class _Rows:
+    """The per-sample row files (process 0 only): per-sample loss/accuracy and, if asked,
+    activations, memory-mapped and written as the steps' outputs arrive; and the skipped rows.
+
+    Rows are addressed by sample id, so a resumed run overwrites exactly the rows it recomputes.
+    """
+
+    def __init__(self, out: Path, plan: Plan, n_units: int, n_scales: int, save_activations: bool,
+                 resume: _Resume, batch_sharding):
+        self.main = jax.process_index() == 0
+        self.row_of = {int(i): r for r, i in enumerate(plan.ids)}
+        self.skipped = list(resume.skipped)
+        self.sharding = batch_sharding
+        self.acts = self.per_sample = None
+        if self.main:
+            N = len(plan)
+            self.acts = (_open_rows(out / "activations.npy", (N, n_units), resume.position)
+                         if save_activations else None)
+            self.per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * n_scales), resume.position)
+
+    def _gather(self, x) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def write(self, pending) -> None:
+        """One step's outputs: (ids, valid, device outputs, this host's skipped images)."""
+        ids, valid, out_dev, local_skips = pending
+        got = {k: self._gather(v) for k, v in out_dev.items()}
+        reasons = dict(local_skips)
+        if jax.process_count() > 1:
+            for sid, why in local_skips:
+                print(f"[record] skipped sample {sid}: {why}", file=sys.stderr)
+            to_global = lambda a: jax.make_array_from_process_local_data(self.sharding, a)  # noqa: E731
+            ids, valid = self._gather(to_global(ids)), self._gather(to_global(valid))
+        if not self.main:
+            return
+        # Rows of real samples that could not be read: listed, never counted.
+        self.skipped.extend((self.row_of[int(i)], reasons.get(int(i), "unreadable (see that host's log)"))
+                            for i, v in zip(ids, valid) if i >= 0 and not v)
+        r = np.array([self.row_of[int(i)] for i in ids[valid]], np.int64)
+        self.per_sample[r] = np.concatenate([got["loss"][valid, None], got["acc"][valid, None],
+                                             got["loss_s"][valid], got["acc_s"][valid]], axis=1)
+        if self.acts is not None:
+            self.acts[r] = got["mu"][valid]
+
+    def flush(self) -> None:
+        for mm in (self.acts, self.per_sample):
+            if mm is not None:
+                mm.flush()
+
+
+def _save_progress(out: Path, resume_key: dict, rows: _Rows, dev_state, position: int) -> None:
+    """The statistics, the position and the skipped rows, after the row files are flushed."""
+    if not rows.main:
+        return
+    host_state = stats_lib.to_host(dev_state)
+    rows.flush()
+    atomic_save_npz(out / PROGRESS, fingerprint=np.array(json.dumps(resume_key)), position=np.array(position),
+                    skipped=np.array(json.dumps(rows.skipped)),
+                    **{"state_" + k: v for k, v in host_state.items()})
+
+
+def _steps(plan: Plan, step: CompiledStep, rows: _Rows, opts: Options, position: int, num_views: int,
+           out: Path, resume_key: dict):
+    """Runs the compiled step over every remaining batch; returns the final device state and
+    the progress meter. A step's outputs are fetched while the next step runs; every
+    `checkpoint_every` steps and on Ctrl-C the progress is saved."""
+    nproc, N = jax.process_count(), len(plan)
+    b = opts.batch_size // nproc
+    batches = plan.open_batches(position, b, jax.process_index(), nproc)
+    progress = _Progress(N, min(position * nproc, N), num_views, rows.main)
+    split_of = dict(zip((int(i) for i in plan.ids), plan.splits.astype(np.int32)))
+    to_global = lambda a: jax.make_array_from_process_local_data(step.batch_sharding, a)  # noqa: E731
+    dev_state, pending, pos = step.state, None, position
+    try:
+        for t, batch in enumerate(batches):
+            ids = np.asarray(batch["sample"], np.int64)
+            splits = np.array([split_of.get(int(i), 0) for i in ids], np.int32)
+            valid = np.asarray(batch["valid"], bool) & (ids >= 0)
+            arrays = [to_global(a) for a in (batch["images"], np.asarray(batch["label"], np.int32),
+                                             ids.astype(np.int32), splits, valid)]
+            dev_state, out_dev = step.fn(step.params, dev_state, *arrays)
+            if pending is not None:
+                rows.write(pending)  # the previous step's outputs, while this one runs
+            pending = (ids, valid, out_dev, batch.get("skipped", []))
+            pos += b
+            if (t + 1) % opts.checkpoint_every == 0:
+                rows.write(pending)
+                pending = None
+                _save_progress(out, resume_key, rows, dev_state, pos)
+            progress.update(min(pos * nproc, N))
+        if pending is not None:
+            rows.write(pending)
+    except KeyboardInterrupt:
+        if pending is not None:
+            rows.write(pending)
+        _save_progress(out, resume_key, rows, dev_state, pos)
+        raise RecordError(f"interrupted after {pos} images per process; run the same command again "
+                          "to resume") from None
+    if progress.last_printed != N:
+        progress.update(N, force=True)
+    return dev_state, progress
+
+
+def _finish(out: Path, plan: Plan, rows: _Rows, layout: UnitLayout, host_state: dict, n_scales: int,
+            info: dict) -> None:
+    """The final files (process 0): units.csv, stats, per_sample.csv, skipped.csv, then
+    record.json last; the progress checkpoint goes."""
+    write_units_csv(out / "units.csv", layout)
+    for s, name in enumerate(plan.split_names):
+        if host_state["count"][s] > 0:
+            atomic_save_npz(out / f"stats_{name}.npz", **stats_lib.split_arrays(host_state, s))
+    _write_per_sample(out, plan, rows.per_sample, n_scales, {r for r, _ in rows.skipped})
+    write_csv(out / "skipped.csv", SKIPPED_COLUMNS,
+              [(int(plan.ids[r]), plan.sources[r] if plan.sources else f"row {r}", why)
+               for r, why in sorted(rows.skipped)])
+    if rows.acts is not None:
+        rows.acts.flush()
+    atomic_write_text(out / DONE, json.dumps(info, indent=1))
+    (out / PROGRESS).unlink(missing_ok=True)
+    (out / ".per_sample.npy").unlink(missing_ok=True)
+
+
 def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: Options = Options(),
            image_shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run the pass over `plan` into `out_dir`; returns the run's info (also in record.json).
@@ -122,156 +302,37 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
       num_views: A, the augmentations per image.
       opts: batch size, precision, what to save.
       image_shape: (H, W) of the views (default: the model's resolution).
+    Raises:
+      RecordError: bad settings, or the directory holds another run (nothing is written then).
     """
     out = Path(out_dir)
     check_backend(opts)
     fp = _fingerprint(model, plan, num_views, opts)
-    main = jax.process_index() == 0
-    done_file = out / DONE
-    if done_file.exists():
-        info = json.loads(done_file.read_text())
-        check_sites(info.get("fingerprint", {}), out)
-        if info.get("fingerprint") == fp:
-            return info
-        raise RecordError(f"{out} holds a finished run with other settings; choose another --out")
-
+    finished = _finished(out, fp)
+    if finished is not None:
+        return finished
     devices = jax.devices()
     G = opts.batch_size
     if G % len(devices) or G % jax.process_count():
         raise RecordError(f"--batch-size {G} must be a multiple of the {len(devices)} devices "
                           f"and the {jax.process_count()} processes")
     layout = unit_layout(model)
-    U = sum(n for *_, n in layout)
-    N, K, S = len(plan), len(model.config.patch_nums), len(plan.split_names)
-    H = W = model.config.resolution
-    if image_shape is not None:
-        H, W = image_shape
-
-    # -- state: fresh or resumed -----------------------------------------------------------
-    # Position = rows of this host's shard done (the same on every host: they step together);
-    # shard boundaries depend on the process count, so a resume must keep it.
+    K, S = len(model.config.patch_nums), len(plan.split_names)
     resume_key = {**fp, "processes": jax.process_count()}
-    state = stats_lib.init_state(S, U, K if opts.per_scale else 0)
-    position, skipped = 0, []
-    if (out / PROGRESS).exists():
-        with np.load(out / PROGRESS) as z:
-            check_sites(json.loads(str(z["fingerprint"])), out)
-            if json.loads(str(z["fingerprint"])) != resume_key:
-                raise RecordError(f"{out} holds an unfinished run with other settings "
-                                  "(data, views, precision, model or process count); choose another --out")
-            state = {k: z["state_" + k] for k in state}
-            position = int(z["position"])
-            skipped = [tuple(x) for x in json.loads(str(z["skipped"]))]
-        if main:
-            print(f"[record] resuming after {position} images per process", file=sys.stderr)
-
-    row_of = {int(i): r for r, i in enumerate(plan.ids)}
-    acts = per_sample = None
-    if main:
+    resume = _resume(out, resume_key, stats_lib.init_state(S, layout.n_units, K if opts.per_scale else 0))
+    if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad settings above leave nothing behind
-        acts = _open_rows(out / "activations.npy", (N, U), position) if opts.save_activations else None
-        per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * K), position)
-
-    # -- the compiled step ------------------------------------------------------------------
-    step = compile_step(model, num_views, opts, (H, W), state)
-    compiled, params, dev_state, data = step.fn, step.params, step.state, step.batch_sharding
-
-    def to_global(a: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(data, a)
-
-    def gather(x) -> np.ndarray:
-        if jax.process_count() == 1:
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    def write_rows(pending) -> None:
-        ids, valid, out_dev, local_skips = pending
-        got = {k: gather(v) for k, v in out_dev.items()}
-        reasons = dict(local_skips)
-        if jax.process_count() > 1:
-            for sid, why in local_skips:
-                print(f"[record] skipped sample {sid}: {why}", file=sys.stderr)
-            ids, valid = gather(to_global(ids)), gather(to_global(valid))
-        if not main:
-            return
-        # Rows of real samples that could not be read: listed, never counted.
-        skipped.extend((row_of[int(i)], reasons.get(int(i), "unreadable (see that host's log)"))
-                       for i, v in zip(ids, valid) if i >= 0 and not v)
-        r = np.array([row_of[int(i)] for i in ids[valid]], np.int64)
-        per_sample[r] = np.concatenate([got["loss"][valid, None], got["acc"][valid, None],
-                                        got["loss_s"][valid], got["acc_s"][valid]], axis=1)
-        if acts is not None:
-            acts[r] = got["mu"][valid]
-
-    def save_progress(pos: int) -> None:
-        if not main:
-            return
-        host_state = stats_lib.to_host(dev_state)
-        for mm in (acts, per_sample):
-            if mm is not None:
-                mm.flush()
-        atomic_save_npz(out / PROGRESS, fingerprint=np.array(json.dumps(resume_key)), position=np.array(pos),
-                        skipped=np.array(json.dumps(skipped)),
-                        **{"state_" + k: v for k, v in host_state.items()})
-
-    nproc = jax.process_count()
-    b = G // nproc
-    batches = plan.open_batches(position, b, jax.process_index(), nproc)
-    progress = _Progress(N, min(position * nproc, N), num_views, main)
-    pending = None
-    pos = position
-    split_of = dict(zip((int(i) for i in plan.ids), plan.splits.astype(np.int32)))
-    try:
-        for t, batch in enumerate(batches):
-            ids = np.asarray(batch["sample"], np.int64)
-            splits = np.array([split_of.get(int(i), 0) for i in ids], np.int32)
-            valid = np.asarray(batch["valid"], bool) & (ids >= 0)
-            arrays = [to_global(a) for a in (batch["images"], np.asarray(batch["label"], np.int32),
-                                             ids.astype(np.int32), splits, valid)]
-            dev_state, out_dev = compiled(params, dev_state, *arrays)
-            if pending is not None:
-                write_rows(pending)  # the previous step's outputs, while this one runs
-            pending = (ids, valid, out_dev, batch.get("skipped", []))
-            pos += b
-            if (t + 1) % opts.checkpoint_every == 0:
-                write_rows(pending)
-                pending = None
-                save_progress(pos)
-            progress.update(min(pos * nproc, N))
-        if pending is not None:
-            write_rows(pending)
-            pending = None
-    except KeyboardInterrupt:
-        if pending is not None:
-            write_rows(pending)
-        save_progress(pos)
-        raise RecordError(f"interrupted after {pos} images per process; run the same command again "
-                          "to resume") from None
-    if progress.last_printed != N:
-        progress.update(N, force=True)
-
-    # -- final files ------------------------------------------------------------------------
-    host_state = stats_lib.to_host(dev_state)
+    step = compile_step(model, num_views, opts, image_shape or (model.config.resolution,) * 2, resume.state)
+    rows = _Rows(out, plan, layout.n_units, K, opts.save_activations, resume, step.batch_sharding)
+    dev_state, progress = _steps(plan, step, rows, opts, resume.position, num_views, out, resume_key)
     info = {
-        "fingerprint": fp, "images": N, "num_views": num_views, "precision": opts.precision,
+        "fingerprint": fp, "images": len(plan), "num_views": num_views, "precision": opts.precision,
         "batch_size": G, "devices": [str(d.device_kind) for d in devices][:1] + [f"x{len(devices)}"],
         "processes": jax.process_count(), "compile_s": round(step.compile_s, 3),
-        "images_per_s": round(progress.rate(), 4), "skipped": len(skipped),
+        "images_per_s": round(progress.rate(), 4), "skipped": len(rows.skipped),
     }
-    if main:
-        write_units_csv(out / "units.csv", layout)
-        for s, name in enumerate(plan.split_names):
-            if host_state["count"][s] > 0:
-                atomic_save_npz(out / f"stats_{name}.npz", **stats_lib.split_arrays(host_state, s))
-        _write_per_sample(out, plan, per_sample, K, {r for r, _ in skipped})
-        write_csv(out / "skipped.csv", SKIPPED_COLUMNS,
-                  [(int(plan.ids[r]), plan.sources[r] if plan.sources else f"row {r}", why)
-                   for r, why in sorted(skipped)])
-        if acts is not None:
-            acts.flush()
-        atomic_write_text(done_file, json.dumps(info, indent=1))
-        (out / PROGRESS).unlink(missing_ok=True)
-        (out / ".per_sample.npy").unlink(missing_ok=True)
+    if rows.main:
+        _finish(out, plan, rows, layout, stats_lib.to_host(dev_state), K, info)
     return info
 
 

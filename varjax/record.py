@@ -2,7 +2,7 @@
 
 For every sample x and recorded unit u: mu_u(x) = mean over the A augmented views of x of
 (the mean over tokens of |activation_u|), the model run teacher-forced as in training (the
-study's method, shared/spec/unitmem.md). One compiled step tokenizes the views, builds the
+study's method, docs/unitmem.md). One compiled step tokenizes the views, builds the
 teacher-forcing input, runs the transformer, reduces the sown units and folds them into the
 streaming statistics of `varjax.stats`, all on the device; the batch is sharded over every
 device of every host, parameters are replicated. By-products of the same forward: per-sample
@@ -27,17 +27,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from varjax import stats as stats_lib
+from varjax.errors import RecordError
 from varjax.model import Model
+from varjax.names import UnitLayout
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
 from varjax.xla_options import compiler_options
 
 PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
 BF16_MODES = ("bf16", "bf16_full")
-
-
-class RecordError(RuntimeError):
-    """A problem with the run's inputs or its directory; the message is one line."""
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -62,6 +60,9 @@ class Plan:
     split_names: tuple[str, ...]
     open_batches: OpenBatches
     sources: tuple[str, ...] | None = None  # (N,) what names each image (samples.csv, skipped.csv)
+    # How the views are made (resize, crop, views, deterministic), for the run's fingerprint:
+    # a resumed run must see the same pixels. None: the caller's `load` alone decides.
+    view: dict | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,7 +97,9 @@ class Plan:
 
         return cls(np.array([s.sample for s in samples]), np.array([s.label for s in samples]),
                    np.array([names.index(s.split) for s in samples]), names, open_batches,
-                   tuple(s.source for s in samples))
+                   tuple(s.source for s in samples),
+                   {**dataclasses.asdict(augment_config), "num_views": augment_config.num_views,
+                    "resize_to": augment_config.resize_to, "crop_seed": seed})
 
 
 def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,
@@ -154,6 +157,9 @@ class Options:
     attention: str = "einsum"
 
     def __post_init__(self):
+        for name in ("batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:  # 0 would divide by zero half-way, after the run dir exists
+                raise RecordError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise RecordError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTION:
@@ -163,11 +169,10 @@ class Options:
                               f"takes bf16/fp16), not {self.precision!r}")
 
 
-def unit_layout(model: Model) -> list[tuple[str, int, str, int]]:
-    """[(site name, block, site kind, units)] in unit-column order (docs/design.md)."""
+def unit_layout(model: Model) -> UnitLayout:
+    """The recorded units of `model`, in unit-column order (varjax.names)."""
     v = model.config.var
-    size = {"attn.proj": v.embed_dim, "ffn.fc1": v.mlp_dim, "ffn.fc2": v.embed_dim}
-    return [(f"blocks.{b}.{s}", b, s, size[s]) for b in range(v.depth) for s in UNIT_SITES]
+    return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, UNIT_SITES)
 
 
 @contextlib.contextmanager
@@ -202,7 +207,7 @@ def make_step(model: Model, num_views: int, opts: Options):
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
-    layout = unit_layout(model)
+    names = [name for name, *_ in unit_layout(model).segments()]
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
     var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
               dtype=jnp.bfloat16 if opts.precision in BF16_MODES else jnp.float32, attention=opts.attention)
@@ -222,12 +227,12 @@ def make_step(model: Model, num_views: int, opts: Options):
         with _precision(opts.precision, "var"):
             logits, taps = var.apply({"params": params["var"]}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
-        mu = jnp.concatenate([acts[name] for name, *_ in layout], axis=-1)  # (B*A, U)
+        mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*A, U)
         mu = mu.reshape(B, A, -1).mean(axis=1)
         scale_mu = None
         if opts.per_scale:
             s_acts = collect(taps[COLLECTION], "scale_mean_abs")
-            scale_mu = jnp.concatenate([s_acts[name] for name, *_ in layout], axis=-1)
+            scale_mu = jnp.concatenate([s_acts[name] for name in names], axis=-1)
             scale_mu = scale_mu.reshape((B, A) + scale_mu.shape[1:]).mean(axis=1)
 
         # Teacher-forced cross-entropy and top-1 accuracy per token, then per scale and sample.

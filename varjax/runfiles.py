@@ -15,9 +15,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from varjax.names import UnitLayout
 
 
 # skipped.csv: one row per image that could not be read (docs/design.md)
@@ -67,15 +70,9 @@ def write_csv(path: Path | str, header: Sequence[str], rows: Iterable[Sequence])
     atomic_write_text(path, buf.getvalue())
 
 
-def write_units_csv(path: Path | str, layout: Sequence[tuple[str, int, str, int]]) -> None:
-    """units.csv: unit, block, site, index, one row per unit column (layout from record.py)."""
-    rows = []
-    u = 0
-    for _, block, site, size in layout:
-        for i in range(size):
-            rows.append((u, block, site, i))
-            u += 1
-    write_csv(path, ("unit", "block", "site", "index"), rows)
+def write_units_csv(path: Path | str, layout: "UnitLayout") -> None:
+    """units.csv: unit, block, site, index, one row per unit column (a varjax.names.UnitLayout)."""
+    write_csv(path, ("unit", "block", "site", "index"), layout.rows())
 
 
 def stderr_log():

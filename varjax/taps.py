@@ -6,20 +6,7 @@ touches the model's maths. Values are sown into the `taps` collection already re
 (B, U) vector per site, not a (B, L, 4C) tensor for 48 layers), and `collect` turns the
 collection into a flat dict keyed by the PyTorch module path, e.g. `blocks.3.ffn.fc1`.
 
-Sites (per block i): `attn.proj` (C units, the output of the linear layer `attn.proj`),
-`ffn.fc1` (4C units, after the tanh-GELU, as the study's hook), `ffn.fc2` (C units), each
-before its gate (gamma1, gamma2): what the study recorded. Optional: `attn.proj_times_gamma1`
-(C units: proj(x) * gamma1, what the attention branch adds to the residual stream) and
-`resid` (the residual stream after the block, C units, named `blocks.{i}`); at the top:
-`head` (the logits, V units).
-
-Upstream multiplies the attention output by gamma1 IN PLACE (`self.attn(...).mul_(gamma1)`).
-The study's hook computed `torch.abs(output)` inside the hook, a new tensor made before that
-multiplication, so it recorded the layer's own output. (A hook that keeps a reference to the
-output tensor and reduces it after the forward sees proj * gamma1 instead; that is the
-`attn.proj_times_gamma1` site, never the default.) `SITE_DEFINITIONS` states each site in
-words; a run stores the definitions it used, so a run recorded under other definitions
-(before 2026-12-01 `attn.proj` was proj * gamma1) is never resumed or analysed as a new one.
+Sites and what each records: `varjax.names` (the glossary), `SITE_DEFINITIONS`.
 
 Reductions: `mean_abs` (B, U), the mean over tokens of |x| (the study's unit activation);
 `scale_mean_abs` (B, K, U), the same over the tokens of each scale separately; `full`
@@ -36,22 +23,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-UNIT_SITES = ("attn.proj", "ffn.fc1", "ffn.fc2")  # the study's sites, in unit-column order
-BLOCK_SITES = UNIT_SITES + ("attn.proj_times_gamma1", "resid")
-TOP_SITES = ("head",)
+from varjax.names import BLOCK_SITES, SITE_DEFINITIONS, TOP_SITES, UNIT_SITES  # noqa: F401 (re-exported)
+
 REDUCTIONS = ("mean_abs", "scale_mean_abs", "full")
 COLLECTION = "taps"
-
-# What each site records, in words. Stored in every run's fingerprint (record.json, the resume
-# checkpoint): a change here is a change of what a number in a run directory means.
-SITE_DEFINITIONS = {
-    "attn.proj": "output of Linear blocks.{i}.attn.proj, before the in-place * gamma1",
-    "ffn.fc1": "tanh-GELU of the output of Linear blocks.{i}.ffn.fc1",
-    "ffn.fc2": "output of Linear blocks.{i}.ffn.fc2, before * gamma2",
-    "attn.proj_times_gamma1": "blocks.{i}.attn.proj output * gamma1 (the attention branch's residual update)",
-    "resid": "residual stream after block {i}",
-    "head": "logits of Linear head",
-}
 
 
 @dataclasses.dataclass(frozen=True)

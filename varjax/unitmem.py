@@ -1,11 +1,11 @@
 """UnitMem metrics on per-unit statistics: pure numpy, exactly as the study computed them.
 
-Ports the analysis half of the study's notebook (see `spec/unitmem.md`) and the UnitMem
+Ports the analysis half of the study's notebook (docs/unitmem.md) and the UnitMem
 definition of Wang et al. (NeurIPS 2024). Everything here is a function of small arrays
-(per-unit statistics, per-sample counts); reading run directories lives in
-`experiments/analyze.py`.
+(per-unit statistics, per-sample counts) and returns arrays or frozen dataclasses; reading
+run directories, figures and the report live in `varjax.analysis`.
 
-Shape letters: N samples, U units, K scales, B blocks, S sites (layer types).
+Shape letters (varjax.names): N samples, U units, K scales; blocks and sites are spelled out.
 
 Definitions (per unit u over the N samples of a dataset):
 - mu_max(u) = max_x mu_u(x); argmax(u) = the smallest sample id reaching it.
@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from fractions import Fraction
 
 import numpy as np
 
+from varjax.names import UnitLayout
+
 # Columns per chunk when reducing a full (N, U) matrix: bounds the temporary copy to
 # N * _CHUNK values, so a d16 D' matrix (8192 x 98,304) never needs a second 3 GiB copy.
 _CHUNK = 2048
-
-# The study's layer types in the global unit order (docs/design.md, "Recorded units").
-SITE_ORDER = ("attn.proj", "ffn.fc1", "ffn.fc2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,8 +234,28 @@ def rank_samples(nmu: np.ndarray, sample_ids: np.ndarray) -> np.ndarray:
     return np.lexsort((np.asarray(sample_ids), -np.asarray(nmu)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CoverageAt:
+    """The top `fraction` of samples by NumMemUnits: n = floor(N * fraction) samples hold
+    `units` of U10, a `share` of it (0 when U10 is empty)."""
+
+    fraction: float
+    n_samples: int
+    units: int
+    share: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """Item 6 of the study: samples with NumMemUnits > 0, and U10 held by the top samples."""
+
+    samples_with_memunits: int
+    samples_with_memunits_frac: float
+    top: tuple[CoverageAt, ...]
+
+
 def coverage(nmu: np.ndarray, sample_ids: np.ndarray,
-             fractions: tuple[float, ...] = (0.01, 0.05, 0.10)) -> dict:
+             fractions: tuple[float, ...] = (0.01, 0.05, 0.10)) -> Coverage:
     """Item 6 of the study: how concentrated memorization is among samples.
 
     Args:
@@ -246,9 +264,7 @@ def coverage(nmu: np.ndarray, sample_ids: np.ndarray,
       fractions: top fractions p of samples; the top n = floor(N * p) are taken.
 
     Returns:
-      dict with `samples_with_memunits` (count), `samples_with_memunits_frac`, and per p a
-      dict {fraction, n_samples, units, share} in `top` (share of U10 whose argmax is
-      among the top n; 0 when U10 is empty).
+      Coverage, with one CoverageAt per fraction.
     """
     nmu = np.asarray(nmu, np.int64)
     total = int(nmu.sum())
@@ -257,12 +273,9 @@ def coverage(nmu: np.ndarray, sample_ids: np.ndarray,
     for p in fractions:
         n = top_count(len(nmu), p)
         units = int(ranked[:n].sum())
-        top.append({"fraction": float(p), "n_samples": n, "units": units,
-                    "share": units / total if total else 0.0})
+        top.append(CoverageAt(float(p), n, units, units / total if total else 0.0))
     with_units = int(np.count_nonzero(nmu))
-    return {"samples_with_memunits": with_units,
-            "samples_with_memunits_frac": with_units / len(nmu) if len(nmu) else 0.0,
-            "top": top}
+    return Coverage(with_units, with_units / len(nmu) if len(nmu) else 0.0, tuple(top))
 
 
 def coverage_curve(nmu: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,38 +290,6 @@ def coverage_curve(nmu: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray,
     return np.arange(len(ranked) + 1) / max(len(ranked), 1), y
 
 
-@dataclasses.dataclass(frozen=True)
-class UnitLayout:
-    """Where each unit sits (from units.csv).
-
-    Attributes:
-      block: (U,) int block index.
-      site: (U,) int index into `sites`.
-      sites: layer-type names without the block prefix ("attn.proj", "ffn.fc1", ...).
-    """
-
-    block: np.ndarray
-    site: np.ndarray
-    sites: tuple[str, ...]
-
-    @classmethod
-    def from_columns(cls, block: np.ndarray, site_names: list[str]) -> "UnitLayout":
-        """Builds the layout; site names may carry their `blocks.{i}.` prefix or not."""
-        bare = [re.sub(r"^blocks\.\d+\.", "", s) for s in site_names]
-        found = list(dict.fromkeys(bare))
-        sites = tuple([s for s in SITE_ORDER if s in found] + [s for s in found if s not in SITE_ORDER])
-        index = {s: i for i, s in enumerate(sites)}
-        return cls(np.asarray(block, np.int64), np.array([index[s] for s in bare], np.int64), sites)
-
-    @property
-    def blocks(self) -> np.ndarray:
-        return np.unique(self.block)
-
-    def site_index(self, suffix: str) -> int | None:
-        """The first site whose name ends with `suffix` (e.g. "fc1"), or None."""
-        return next((i for i, s in enumerate(self.sites) if s.endswith(suffix)), None)
-
-
 def _group(values: np.ndarray, keys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Count, mean and max of values per integer key in [0, n); empty groups give NaN."""
     count = np.bincount(keys, minlength=n)
@@ -320,21 +301,38 @@ def _group(values: np.ndarray, keys: np.ndarray, n: int) -> tuple[np.ndarray, np
     return count, np.where(count > 0, mean, np.nan), np.where(count > 0, mx, np.nan)
 
 
-def block_site_table(um: np.ndarray, mask: np.ndarray, layout: UnitLayout) -> dict:
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockSiteTable:
     """Items 1-5 of the study: U10 counts, mean and max UnitMem per block and layer type.
 
-    Args:
-      um: (U,) UnitMem.
-      mask: (U,) bool, U10.
-      layout: where each unit sits.
-
-    Returns:
-      dict of arrays: `blocks` (B,), `sites` (S,), per block and site (B, S): `n_units`,
-      `u10`, `mean`, `max`; per block (B,): `block_u10`, `block_mean` (over all the block's
-      units, so fc1 weighs 4x as in the study), `block_max`; per site (S,): `site_units`,
-      `site_u10`, `site_u10_adjusted` (scaled to the smallest site's size: fc1 / 4),
-      `site_u10_frac`, `site_mean`, `site_max`.
+    Attributes:
+      blocks: (blocks,) block ids; sites: site names.
+      n_units, u10, mean, max: (blocks, sites) per block and site.
+      block_u10, block_mean, block_max: (blocks,) over all of a block's units (so fc1
+        weighs 4x in the mean, as in the study).
+      site_units, site_u10, site_u10_adjusted, site_u10_frac, site_mean, site_max: (sites,);
+        `site_u10_adjusted` scales each site to the smallest site's size (fc1 / 4).
     """
+
+    blocks: np.ndarray
+    sites: tuple[str, ...]
+    n_units: np.ndarray
+    u10: np.ndarray
+    mean: np.ndarray
+    max: np.ndarray
+    block_u10: np.ndarray
+    block_mean: np.ndarray
+    block_max: np.ndarray
+    site_units: np.ndarray
+    site_u10: np.ndarray
+    site_u10_adjusted: np.ndarray
+    site_u10_frac: np.ndarray
+    site_mean: np.ndarray
+    site_max: np.ndarray
+
+
+def block_site_table(um: np.ndarray, mask: np.ndarray, layout: UnitLayout) -> BlockSiteTable:
+    """Items 1-5 of the study from UnitMem (U,), U10 mask (U,) and where each unit sits."""
     blocks = layout.blocks
     b_idx = np.searchsorted(blocks, layout.block)
     n_b, n_s = len(blocks), len(layout.sites)
@@ -348,14 +346,11 @@ def block_site_table(um: np.ndarray, mask: np.ndarray, layout: UnitLayout) -> di
     # fc1 holds 4x the units of attn.proj / fc2: divide by the size ratio to the smallest
     # site to compare layer types per unit (the study's "fc1 adjusted" bar).
     ratio = site_units / site_units[site_units > 0].min()
-    return {
-        "blocks": blocks, "sites": layout.sites, "n_units": n_units, "u10": u10,
-        "mean": mean, "max": mx, "block_u10": u10.sum(axis=1), "block_mean": block_mean,
-        "block_max": block_max, "site_units": site_units, "site_u10": site_u10,
-        "site_u10_adjusted": site_u10 / ratio,
-        "site_u10_frac": site_u10 / site_units,
-        "site_mean": site_mean, "site_max": site_max,
-    }
+    return BlockSiteTable(
+        blocks=blocks, sites=layout.sites, n_units=n_units, u10=u10, mean=mean, max=mx,
+        block_u10=u10.sum(axis=1), block_mean=block_mean, block_max=block_max,
+        site_units=site_units, site_u10=site_u10, site_u10_adjusted=site_u10 / ratio,
+        site_u10_frac=site_u10 / site_units, site_mean=site_mean, site_max=site_max)
 
 
 def top_units_of_block(um: np.ndarray, layout: UnitLayout, block: int,
@@ -372,8 +367,19 @@ def top_units_of_block(um: np.ndarray, layout: UnitLayout, block: int,
     return units[np.argsort(-um[units], kind="stable")[:k]]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Diversity:
+    """Per block (blocks,): distinct argmax images and classes among its top-k units, and
+    `k` the number of units actually taken (fewer when a block has fewer)."""
+
+    blocks: np.ndarray
+    distinct_images: np.ndarray
+    distinct_classes: np.ndarray
+    k: np.ndarray
+
+
 def diversity_by_depth(um: np.ndarray, argmax: np.ndarray, layout: UnitLayout,
-                       label_of_unit: np.ndarray, site: int | None = None, k: int = 10) -> dict:
+                       label_of_unit: np.ndarray, site: int | None = None, k: int = 10) -> Diversity:
     """How many distinct images and classes maximally activate each block's top-k units.
 
     Args:
@@ -385,8 +391,7 @@ def diversity_by_depth(um: np.ndarray, argmax: np.ndarray, layout: UnitLayout,
       k: units per block.
 
     Returns:
-      dict: `blocks` (B,), `distinct_images` (B,), `distinct_classes` (B,), `k` (B,) the
-      number of units actually taken (fewer when a block has fewer units).
+      Diversity.
     """
     blocks = layout.blocks
     imgs, classes, ks = [], [], []
@@ -395,12 +400,28 @@ def diversity_by_depth(um: np.ndarray, argmax: np.ndarray, layout: UnitLayout,
         imgs.append(len(np.unique(argmax[top])))
         classes.append(len(np.unique(label_of_unit[top])))
         ks.append(len(top))
-    return {"blocks": blocks, "distinct_images": np.array(imgs), "distinct_classes": np.array(classes),
-            "k": np.array(ks)}
+    return Diversity(blocks, np.array(imgs), np.array(classes), np.array(ks))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitComparison:
+    """NumMemUnits of the train vs the val samples: sums, per-sample means, their difference
+    (train - val, the test statistic) and its two-sided permutation p-value (None: skipped)."""
+
+    n_train: int
+    n_val: int
+    sum_train: float
+    sum_val: float
+    mean_train: float
+    mean_val: float
+    diff_mean: float
+    p_value: float | None
+    n_permutations: int
+    seed: int
 
 
 def split_comparison(nmu: np.ndarray, is_train: np.ndarray, n_permutations: int = 10_000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0) -> SplitComparison:
     """Item 9: NumMemUnits summed over the train vs the val samples, with a permutation test.
 
     The split comes from each sample's own label, so unlike the study no validation sample
@@ -419,10 +440,7 @@ def split_comparison(nmu: np.ndarray, is_train: np.ndarray, n_permutations: int 
       seed: numpy Generator seed, fixed for reproducibility.
 
     Returns:
-      dict: `n_train`, `n_val`, `sum_train`, `sum_val`, `mean_train`, `mean_val`,
-      `diff_mean` (train - val, per sample: the test statistic, fair for unequal splits),
-      `p_value` (two-sided, (1 + #|d_perm| >= |d|) / (1 + n_permutations); None if skipped),
-      `n_permutations`, `seed`.
+      SplitComparison; p_value = (1 + #|d_perm| >= |d|) / (1 + n_permutations).
     """
     x = np.asarray(nmu, np.float64)
     t = np.asarray(is_train, bool)
@@ -447,12 +465,20 @@ def split_comparison(nmu: np.ndarray, is_train: np.ndarray, n_permutations: int 
             hits += int(np.count_nonzero(np.abs(d) >= abs(diff) * (1 - 1e-12) - 1e-12))
             done += m
         p_value = (1 + hits) / (1 + n_permutations)
-    return {"n_train": n_tr, "n_val": n_va, "sum_train": s_tr, "sum_val": s_va,
-            "mean_train": s_tr / n_tr, "mean_val": s_va / n_va, "diff_mean": diff,
-            "p_value": p_value, "n_permutations": int(n_permutations), "seed": int(seed)}
+    return SplitComparison(n_tr, n_va, s_tr, s_va, s_tr / n_tr, s_va / n_va, diff, p_value,
+                           int(n_permutations), int(seed))
 
 
-def loss_correlation(loss: np.ndarray, nmu: np.ndarray) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Correlation:
+    """Spearman's rho, its p-value (NaN when undefined, e.g. constant input), samples used."""
+
+    rho: float
+    p_value: float
+    n: int
+
+
+def loss_correlation(loss: np.ndarray, nmu: np.ndarray) -> Correlation:
     """Spearman rank correlation of per-sample teacher-forced loss and NumMemUnits.
 
     Args:
@@ -460,7 +486,7 @@ def loss_correlation(loss: np.ndarray, nmu: np.ndarray) -> dict:
       nmu: (N,) NumMemUnits.
 
     Returns:
-      dict: `rho`, `p_value` (NaN when undefined, e.g. constant input), `n`.
+      Correlation.
     """
     from scipy import stats as sps
 
@@ -468,13 +494,25 @@ def loss_correlation(loss: np.ndarray, nmu: np.ndarray) -> dict:
     ok = np.isfinite(loss)
     n = int(ok.sum())
     if n < 3 or np.ptp(loss[ok]) == 0 or np.ptp(np.asarray(nmu)[ok]) == 0:
-        return {"rho": float("nan"), "p_value": float("nan"), "n": n}
+        return Correlation(float("nan"), float("nan"), n)
     res = sps.spearmanr(loss[ok], np.asarray(nmu)[ok])
-    return {"rho": float(res.statistic), "p_value": float(res.pvalue), "n": n}
+    return Correlation(float(res.statistic), float(res.pvalue), n)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerScaleView:
+    """UnitMem from each scale's tokens alone: `um` (K, U), `threshold` (K,), `u10` and
+    `mean` (K, sites), `overlap` (K,) share of each scale's U_q also in the overall U_q (or None)."""
+
+    um: np.ndarray
+    threshold: np.ndarray
+    u10: np.ndarray
+    mean: np.ndarray
+    overlap: np.ndarray | None
 
 
 def per_scale_view(scale_stats: UnitStats, layout: UnitLayout, q: float = 90.0,
-                   overall_mask: np.ndarray | None = None) -> dict:
+                   overall_mask: np.ndarray | None = None) -> PerScaleView:
     """UnitMem computed from each scale's tokens alone (per-resolution memorization).
 
     Args:
@@ -484,9 +522,7 @@ def per_scale_view(scale_stats: UnitStats, layout: UnitLayout, q: float = 90.0,
       overall_mask: optional (U,) bool U10 of the all-token UnitMem, for the overlap.
 
     Returns:
-      dict: `um` (K, U), `threshold` (K,), `u10` (K, S) count per scale and site,
-      `mean` (K, S) mean UnitMem per scale and site, `overlap` (K,) share of each scale's
-      U_q that is also in the overall U_q (None without overall_mask).
+      PerScaleView.
     """
     um = unitmem_mean(scale_stats)
     mask, thr = top_units(um, q)
@@ -496,5 +532,4 @@ def per_scale_view(scale_stats: UnitStats, layout: UnitLayout, q: float = 90.0,
     overlap = None
     if overall_mask is not None:
         overlap = (mask & overall_mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1)
-    return {"um": um, "threshold": thr, "u10": u10.astype(np.int64), "mean": mean,
-            "overlap": overlap}
+    return PerScaleView(um, thr, u10.astype(np.int64), mean, overlap)

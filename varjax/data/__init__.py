@@ -13,7 +13,7 @@ Typical use (the study's D' + D_val, 8 random crops per image):
         ...
     data.write_skipped_csv("run/skipped.csv", loader.skipped)
 
-Files: `source.py` (interface, open_source), `folder.py`, `imagenet_tfds.py`, `demo.py` (the
+Files: `source.py` (the interface), `open.py` (open_source: the table of sources), `folder.py`, `imagenet_tfds.py`, `demo.py` (the
 sources), `classes.py` (ImageNet wnids), `selection.py` (classes, first-n, sample ids,
 samples.csv), `augment.py` (PIL decode, Lanczos resize, crops), `loader.py` (grain).
 """
@@ -23,9 +23,16 @@ from varjax.data.classes import imagenet_wnids, wnid_to_label
 from varjax.data.demo import DEMO_CLASSES
 from varjax.data.errors import DataError
 from varjax.data.imagenet_tfds import IMAGENET_HOWTO
-from varjax.data.loader import Loader, Skipped, make_loader, shard_bounds, write_skipped_csv
+from varjax.data.loader import (
+    Loader,
+    Skipped,
+    make_loader,
+    shard_bounds,
+    write_skipped_csv,
+)
+from varjax.data.open import open_source
 from varjax.data.selection import Sample, select, study_classes, write_samples_csv
-from varjax.data.source import SPLITS, ImageSource, open_source
+from varjax.data.source import SPLITS, ImageSource
 
 __all__ = [
     "AugmentConfig", "DEMO_CLASSES", "DataError", "IMAGENET_HOWTO", "ImageSource", "Loader",

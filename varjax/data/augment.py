@@ -1,8 +1,9 @@
 """Decoding and augmentation of one image, exactly as the study's PIL/torchvision pipeline did.
 
 Ports upstream VAR `utils/data.py` (`pil_loader`, and `build_dataset`'s train transform
-`Resize(round(mid_reso * final_reso), LANCZOS)` + `RandomCrop(final_reso)`), reproducing
-torchvision's arithmetic on PIL images:
+`Resize(round(mid_reso * final_reso), LANCZOS)` + `RandomCrop(final_reso)`, and its validation
+transform, the same resize + `CenterCrop(final_reso)`), reproducing torchvision's arithmetic
+on PIL images:
   - decode with PIL and `.convert('RGB')` (grayscale, CMYK, RGBA, palette -> RGB; EXIF
     orientation is NOT applied, as torchvision's loader never applies it);
   - Resize(int): the shorter side becomes `size`, the longer `int(size * long / short)`
@@ -31,11 +32,12 @@ class AugmentConfig:
 
     Attributes:
       resolution: S, the output side (256 for the released models).
-      mid_reso: random mode resizes the shorter side to round(mid_reso * S) first; the
+      mid_reso: the shorter side is resized to round(mid_reso * S) first (both modes); the
         study's code used upstream's 1.125, its write-up says 1.25.
       views: A, views per image; None means 8 in random mode and 1 in deterministic mode.
-      deterministic: resize the shorter side to S and center-crop one view (for
-        reproducible checks) instead of random crops.
+      deterministic: one center-cropped view instead of random crops: upstream's validation
+        transform (for reproducible checks and extraction; the training resize, so the
+        model sees the scale it was trained on).
     """
 
     resolution: int = 256
@@ -64,8 +66,8 @@ class AugmentConfig:
     @property
     def resize_to(self) -> int:
         """The shorter side after the resize."""
-        if self.deterministic:
-            return self.resolution
+        # Upstream: both transforms of utils/data.py resize to round(mid_reso * S). Before
+        # 2026-12-01 the deterministic mode resized to S, a scale the model never trained on.
         return round(self.mid_reso * self.resolution)
 
 

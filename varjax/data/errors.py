@@ -6,6 +6,6 @@ Every message is a single line that names the file or folder at fault, so a CLI 
 
 from __future__ import annotations
 
+from varjax.errors import DataError
 
-class DataError(Exception):
-    """A data problem the user can fix: a missing path, an unreadable image, a bad layout."""
+__all__ = ["DataError"]

@@ -13,6 +13,7 @@ and caches a small CSV index (`record,label,file_name`) under `index_dir`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -51,6 +52,25 @@ _TFDS_SPLITS = {"train": "train", "val": "validation"}
 _SCAN_CHUNK = 1024
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Holds tfds' absl warnings (logged, not raised) back while it looks for a dataset."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _not_prepared(spec: str, builder) -> DataError:
+    where = getattr(builder, "data_path", builder.data_dir)
+    return DataError(f"tfds dataset {spec} is not prepared: nothing in {where} (pass --data-dir if it is "
+                     "elsewhere, or --data /path/to/ImageFolder); to prepare it, see "
+                     "`python -c 'import varjax.data as d; print(d.IMAGENET_HOWTO)'`")
+
+
 class TfdsReader:
     """Fetches the encoded image bytes of (tfds split, record); pickles into grain workers."""
 
@@ -87,7 +107,8 @@ class TfdsSource(ImageSource):
 
         self.name = spec
         try:
-            builder = tfds.builder(spec, data_dir=data_dir)
+            with _quiet_absl():  # tfds warns about the folder it is about to find missing
+                builder = tfds.builder(spec, data_dir=data_dir)
         except DatasetNotFoundError:
             raise DataError(f"'{spec}' is neither an existing folder nor a tfds dataset name") \
                 from None
@@ -96,20 +117,27 @@ class TfdsSource(ImageSource):
         self.tfds_name = builder.name
         self.version = str(builder.version)
         try:
-            by_tfds_split = tfds.data_source(
-                spec, split=None, data_dir=data_dir, download=False,
-                decoders={"image": tfds.decode.SkipDecoding()})
+            with _quiet_absl():
+                by_tfds_split = tfds.data_source(
+                    spec, split=None, data_dir=data_dir, download=False,
+                    decoders={"image": tfds.decode.SkipDecoding()})
         except Exception as e:
-            if builder.is_prepared():
+            with _quiet_absl():
+                prepared = builder.is_prepared()
+            if prepared:
                 raise DataError(f"{spec} in {builder.data_dir} cannot be read without TensorFlow"
                                 f" ({_first_line(e)}); rebuild it with "
                                 "--file_format=array_record") from None
-            raise DataError(f"tfds dataset {spec} is not prepared in {builder.data_dir}; see "
-                            "varjax.data.IMAGENET_HOWTO") from None
+            raise _not_prepared(spec, builder) from None
         self.data_sources = {s: by_tfds_split[t] for s, t in _TFDS_SPLITS.items()
                              if t in by_tfds_split}
         self.splits = tuple(self.data_sources)
         if not self.splits:
+            # tfds answers an unprepared dataset with no splits rather than an error.
+            with _quiet_absl():
+                prepared = builder.is_prepared()
+            if not prepared:
+                raise _not_prepared(spec, builder)
             raise DataError(f"tfds dataset {spec} has neither a train nor a validation split")
         self.num_classes = int(builder.info.features["label"].num_classes)
         self.index_dir = os.path.expanduser(index_dir or DEFAULT_INDEX_DIR)

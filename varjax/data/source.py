@@ -13,7 +13,6 @@ Selection (`selection.py`) turns these answers into numbered samples; the loader
 from __future__ import annotations
 
 import abc
-import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import NamedTuple
 
@@ -69,46 +68,6 @@ class ImageSource(abc.ABC):
         """Raises DataError unless `split` is present."""
         if split not in self.splits:
             raise DataError(f"{self.name} has no '{split}' split (it has: {', '.join(self.splits)})")
-
-
-def open_source(spec: str, *, data_dir: str | None = None, flat_split: str = "train",
-                index_dir: str | None = None) -> ImageSource:
-    """Opens an image source from a spec.
-
-    Args:
-      spec: 'demo' (the bundled demo set), 'planted' (the planted-memorization set,
-        `planted.py`), a folder path (an ImageFolder tree, see
-        `folder.py`), or a tfds dataset name such as 'imagenet2012' (optionally with a
-        version, 'imagenet2012:5.1.0') prepared as ArrayRecord (see `IMAGENET_HOWTO`).
-      data_dir: tfds data directory (default: tfds' own default, ~/tensorflow_datasets).
-      flat_split: the split of a folder whose class folders sit directly in it (no
-        train/ or val/ subfolder); ignored otherwise.
-      index_dir: where the tfds source caches its (record, label, file name) index.
-
-    Returns:
-      The source.
-
-    Raises:
-      DataError: a missing path, an unrecognised layout or an unprepared tfds dataset.
-    """
-    if spec == "demo":
-        from varjax.data.demo import DemoSource
-        return DemoSource()
-    # -- planted (experiments/train_planted.py's image set; roles in the source strings) --
-    if spec == "planted":
-        from varjax.data.planted import PlantedSource
-        return PlantedSource()
-    # -- end planted --
-    path = os.path.expanduser(spec)
-    if os.path.exists(path):
-        from varjax.data.folder import FolderSource
-        return FolderSource(path, flat_split=flat_split)
-    # An absolute or explicitly relative spec is a path; anything else may be a tfds name
-    # (which can contain '/': 'name/config:version'), and TfdsSource says if it is not.
-    if spec.startswith(("/", ".", "~")):
-        raise DataError(f"data path {spec} does not exist")
-    from varjax.data.imagenet_tfds import TfdsSource
-    return TfdsSource(spec, data_dir=data_dir, index_dir=index_dir)
 
 
 def check_splits(splits: Sequence[str]) -> None:

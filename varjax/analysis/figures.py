@@ -1,20 +1,33 @@
-"""The study's figures (items 1-9 of `spec/unitmem.md`, "What the study reports") and extras.
+"""The study's figures (items 1-9 of docs/unitmem.md, "What the study reports") and extras.
 
-Every function draws one figure from already computed numbers and returns a matplotlib
-`Figure`; nothing here computes a metric or touches the file system (analyze.py saves the
-figures atomically). Figures are built with `matplotlib.figure.Figure`, not pyplot, so no
-global state or interactive backend is involved: PNGs render through Agg.
+Every figure function draws one figure from already computed results (`varjax.unitmem`'s
+dataclasses) and returns a matplotlib `Figure`, for a notebook as for the report; nothing
+here computes a metric. `save` writes one PNG atomically. Figures are built with
+`matplotlib.figure.Figure`, not pyplot, so no global state or interactive backend is
+involved: PNGs render through Agg.
 
-Shape letters: B blocks, S sites (layer types), K scales, N samples, U units.
+Shape letters (varjax.names): K scales, N samples, U units; blocks and sites spelled out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
+from varjax.runfiles import atomic_write_bytes
+from varjax.unitmem import (
+    BlockSiteTable,
+    Correlation,
+    Coverage,
+    Diversity,
+    PerScaleView,
+    SplitComparison,
+)
 
 DPI = 100
 # One colour per layer type, the same in every figure; unknown sites cycle through the rest.
@@ -37,44 +50,48 @@ def _depth_axis(ax, blocks: np.ndarray) -> None:
     ax.grid(alpha=0.3)
 
 
-def _per_block_lines(table: dict, key: str, ylabel: str, title: str, total=None) -> tuple[Figure, object]:
-    """One line over depth per layer type (`table[key]`, (blocks, sites)); `total` is
+def save(fig: Figure, path: Path) -> None:
+    """Writes `fig` as a PNG at `path`, atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _per_block_lines(table: BlockSiteTable, values: np.ndarray, ylabel: str, title: str,
+                     total=None) -> tuple[Figure, object]:
+    """One line over depth per layer type (`values`, (blocks, sites)); `total` is
     (values, style, label) for a black line over them all, or None."""
     fig = _figure()
     ax = fig.add_subplot()
-    for s, site in enumerate(table["sites"]):
-        ax.plot(table["blocks"], table[key][:, s], "o-", ms=3, color=_color(site, s), label=site)
+    for s, site in enumerate(table.sites):
+        ax.plot(table.blocks, values[:, s], "o-", ms=3, color=_color(site, s), label=site)
     if total is not None:
         values, style, label = total
-        ax.plot(table["blocks"], values, style, ms=3, color="black", label=label)
+        ax.plot(table.blocks, values, style, ms=3, color="black", label=label)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    _depth_axis(ax, table["blocks"])
+    _depth_axis(ax, table.blocks)
     ax.legend(fontsize=8)
     return fig, ax
 
 
-def u10_per_block(table: dict, title: str = "U10 units per block") -> Figure:
-    """Item 1: U10 count per block for each layer type and in total (line over depth).
-
-    Args:
-      table: `unitmem.block_site_table` output (uses blocks, sites, u10 (B,S), block_u10 (B,)).
-    """
-    fig, ax = _per_block_lines(table, "u10", "units in U10", title, (table["block_u10"], "s-", "total"))
+def u10_per_block(table: BlockSiteTable, title: str = "U10 units per block") -> Figure:
+    """Item 1: U10 count per block for each layer type and in total (line over depth)."""
+    fig, ax = _per_block_lines(table, table.u10, "units in U10", title, (table.block_u10, "s-", "total"))
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 
-def mean_unitmem_per_block(table: dict, title: str = "Mean UnitMem per block") -> Figure:
+def mean_unitmem_per_block(table: BlockSiteTable, title: str = "Mean UnitMem per block") -> Figure:
     """Item 2: mean UnitMem per block and layer type; the block line weights fc1 x4."""
-    return _per_block_lines(table, "mean", "mean UnitMem", title,
-                            (table["block_mean"], "s--", "block (all units; fc1 weighs x4)"))[0]
+    return _per_block_lines(table, table.mean, "mean UnitMem", title,
+                            (table.block_mean, "s--", "block (all units; fc1 weighs x4)"))[0]
 
 
-def max_unitmem_per_block(table: dict, title: str = "Max UnitMem per block") -> Figure:
+def max_unitmem_per_block(table: BlockSiteTable, title: str = "Max UnitMem per block") -> Figure:
     """Item 5: max UnitMem per block and layer type over depth."""
-    return _per_block_lines(table, "max", "max UnitMem", title)[0]
+    return _per_block_lines(table, table.max, "max UnitMem", title)[0]
 
 
 def _annotated_bars(ax, names, values, colors, fmt: str) -> None:
@@ -85,19 +102,19 @@ def _annotated_bars(ax, names, values, colors, fmt: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def u10_per_type(table: dict, title: str = "U10 units per layer type") -> Figure:
+def u10_per_type(table: BlockSiteTable, title: str = "U10 units per layer type") -> Figure:
     """Item 3: U10 count per layer type, plus each larger site scaled to the smallest's size."""
-    sites = list(table["sites"])
+    sites = list(table.sites)
     names, values, colors = [], [], []
     for s, site in enumerate(sites):
         names.append(site)
-        values.append(float(table["site_u10"][s]))
+        values.append(float(table.site_u10[s]))
         colors.append(_color(site, s))
     for s, site in enumerate(sites):
-        ratio = table["site_units"][s] / table["site_units"].min()
+        ratio = table.site_units[s] / table.site_units.min()
         if ratio > 1:  # fc1: 4x the units of the other sites
             names.append(f"{site}\n(/ {ratio:g}, size-adjusted)")
-            values.append(float(table["site_u10_adjusted"][s]))
+            values.append(float(table.site_u10_adjusted[s]))
             colors.append(_color(site, s))
     fig = _figure()
     ax = fig.add_subplot()
@@ -111,35 +128,35 @@ def u10_per_type(table: dict, title: str = "U10 units per layer type") -> Figure
     return fig
 
 
-def mean_unitmem_per_type(table: dict, title: str = "Mean UnitMem per layer type") -> Figure:
+def mean_unitmem_per_type(table: BlockSiteTable, title: str = "Mean UnitMem per layer type") -> Figure:
     """Item 4: mean UnitMem per layer type (bar)."""
-    sites = list(table["sites"])
+    sites = list(table.sites)
     fig = _figure()
     ax = fig.add_subplot()
-    _annotated_bars(ax, sites, table["site_mean"], [_color(s, i) for i, s in enumerate(sites)], "{:.3f}")
+    _annotated_bars(ax, sites, table.site_mean, [_color(s, i) for i, s in enumerate(sites)], "{:.3f}")
     ax.set_ylabel("mean UnitMem")
     ax.set_title(title)
     return fig
 
 
-def coverage(x: np.ndarray, y: np.ndarray, cov: dict, title: str = "Coverage of U10") -> Figure:
+def coverage(x: np.ndarray, y: np.ndarray, cov: Coverage, title: str = "Coverage of U10") -> Figure:
     """Item 6: cumulative share of U10 covered by the top fraction of samples.
 
     Args:
       x: (N+1,) fraction of samples (ranked by NumMemUnits, highest first).
       y: (N+1,) share of U10 whose argmax lies among them.
-      cov: `unitmem.coverage` output; its top-p points are marked and labelled.
+      cov: item 6's numbers; its top-p points are marked and labelled.
     """
     fig = _figure()
     ax = fig.add_subplot()
     # A step function: the share only grows when one more whole sample is taken.
     ax.plot(100 * x, 100 * y, color="tab:blue", drawstyle="steps-post", label="top samples by NumMemUnits")
-    for t in cov["top"]:
-        px, py = 100 * t["n_samples"] / max(len(x) - 1, 1), 100 * t["share"]
+    for t in cov.top:
+        px, py = 100 * t.n_samples / max(len(x) - 1, 1), 100 * t.share
         ax.plot(px, py, "o", color="tab:red")
-        ax.annotate(f"top {100 * t['fraction']:g}%: {py:.1f}%", (px, py), xytext=(8, -12),
+        ax.annotate(f"top {100 * t.fraction:g}%: {py:.1f}%", (px, py), xytext=(8, -12),
                     textcoords="offset points", fontsize=8)
-    frac = 100 * cov["samples_with_memunits_frac"]
+    frac = 100 * cov.samples_with_memunits_frac
     ax.axvline(frac, color="gray", ls=":", label=f"samples with NumMemUnits > 0: {frac:.1f}%")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlim(0, 100)
@@ -203,42 +220,39 @@ def image_grid(tiles: list[Tile | None], ncols: int, title: str,
     return fig
 
 
-def train_vs_val(comp_all: dict, comp_u10: dict, title: str = "D_all: train (D') vs val") -> Figure:
-    """Item 9: NumMemUnits summed over D' and over D_val, for all units and U10(D_all).
-
-    Args:
-      comp_all, comp_u10: `unitmem.split_comparison` outputs (all units, U10(D_all)).
-    """
+def train_vs_val(comp_all: SplitComparison, comp_u10: SplitComparison,
+                 title: str = "D_all: train (D') vs val") -> Figure:
+    """Item 9: NumMemUnits summed over D' and over D_val, for all units and U10(D_all)."""
     fig = _figure(7.0, 4.0)
     axes = fig.subplots(1, 2)
     for ax, comp, name in ((axes[0], comp_all, "all units"), (axes[1], comp_u10, "U10(D_all)")):
-        vals = [comp["sum_train"], comp["sum_val"]]
-        _annotated_bars(ax, [f"train\n(n={comp['n_train']})", f"val\n(n={comp['n_val']})"], vals,
+        vals = [comp.sum_train, comp.sum_val]
+        _annotated_bars(ax, [f"train\n(n={comp.n_train})", f"val\n(n={comp.n_val})"], vals,
                         ["tab:blue", "tab:gray"], "{:.0f}")
-        p = comp["p_value"]
-        ptxt = "no test" if p is None else f"permutation p = {p:.3g} (n={comp['n_permutations']})"
+        p = comp.p_value
+        ptxt = "no test" if p is None else f"permutation p = {p:.3g} (n={comp.n_permutations})"
         ax.set_title(f"{name}\n{ptxt}", fontsize=9)
         ax.set_ylabel("sum of NumMemUnits")
     fig.suptitle(title, fontsize=10)
     return fig
 
 
-def per_scale(view: dict, sites: tuple[str, ...], scale_labels: list[str] | None = None) -> Figure:
+def per_scale(view: PerScaleView, sites: tuple[str, ...], scale_labels: list[str] | None = None) -> Figure:
     """Extra: U10 and mean UnitMem per scale (UnitMem from each scale's tokens alone).
 
     Args:
-      view: `unitmem.per_scale_view` output (u10 (K,S), mean (K,S), overlap (K,) or None).
-      sites: site names (S,).
+      view: the per-scale view (u10 and mean (K, sites), overlap (K,) or None).
+      sites: site names.
       scale_labels: optional K tick labels (e.g. "1x1", ..., "16x16").
     """
-    k = view["u10"].shape[0]
+    k = view.u10.shape[0]
     xs = np.arange(k)
-    has_overlap = view.get("overlap") is not None
+    has_overlap = view.overlap is not None
     fig = _figure(12.0 if has_overlap else 9.0, 3.6)
     axes = fig.subplots(1, 3 if has_overlap else 2)
     for s, site in enumerate(sites):
-        axes[0].plot(xs, view["u10"][:, s], "o-", ms=3, color=_color(site, s), label=site)
-        axes[1].plot(xs, view["mean"][:, s], "o-", ms=3, color=_color(site, s), label=site)
+        axes[0].plot(xs, view.u10[:, s], "o-", ms=3, color=_color(site, s), label=site)
+        axes[1].plot(xs, view.mean[:, s], "o-", ms=3, color=_color(site, s), label=site)
     axes[0].set_ylabel("units in the scale's U10")
     axes[0].set_ylim(bottom=0)
     axes[0].set_title("U10 per scale", fontsize=10)
@@ -246,7 +260,7 @@ def per_scale(view: dict, sites: tuple[str, ...], scale_labels: list[str] | None
     axes[1].set_title("mean UnitMem per scale", fontsize=10)
     axes[1].legend(fontsize=7)
     if has_overlap:
-        axes[2].plot(xs, 100 * np.asarray(view["overlap"]), "o-", ms=3, color="black")
+        axes[2].plot(xs, 100 * np.asarray(view.overlap), "o-", ms=3, color="black")
         axes[2].set_ylim(0, 105)
         axes[2].set_ylabel("% of the scale's U10")
         axes[2].set_title("share also in the all-token U10", fontsize=10)
@@ -258,7 +272,7 @@ def per_scale(view: dict, sites: tuple[str, ...], scale_labels: list[str] | None
     return fig
 
 
-def loss_vs_memunits(loss: np.ndarray, nmu: np.ndarray, corr: dict) -> Figure:
+def loss_vs_memunits(loss: np.ndarray, nmu: np.ndarray, corr: Correlation) -> Figure:
     """Extra: per-sample teacher-forced loss against NumMemUnits, with Spearman's rho."""
     fig = _figure(5.5, 4.0)
     ax = fig.add_subplot()
@@ -269,17 +283,17 @@ def loss_vs_memunits(loss: np.ndarray, nmu: np.ndarray, corr: dict) -> Figure:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("NumMemUnits (symlog, jittered)")
     ax.set_ylabel("teacher-forced loss (nats)")
-    ax.set_title(f"Loss vs NumMemUnits: Spearman rho = {corr['rho']:.3f} "
-                 f"(p = {corr['p_value']:.2g}, n = {corr['n']})", fontsize=9)
+    ax.set_title(f"Loss vs NumMemUnits: Spearman rho = {corr.rho:.3f} "
+                 f"(p = {corr.p_value:.2g}, n = {corr.n})", fontsize=9)
     ax.grid(alpha=0.3)
     return fig
 
 
-def diversity_by_depth(div_site: dict | None, div_all: dict, site: str, k: int) -> Figure:
+def diversity_by_depth(div_site: Diversity | None, div_all: Diversity, site: str, k: int) -> Figure:
     """Extra: distinct images and classes maximally activating each block's top-k units.
 
     Args:
-      div_site: `unitmem.diversity_by_depth` for one site (e.g. fc1), or None.
+      div_site: diversity by depth for one site (e.g. fc1), or None.
       div_all: the same over all sites of each block.
       site: the name of div_site's site.
       k: units per block.
@@ -289,13 +303,13 @@ def diversity_by_depth(div_site: dict | None, div_all: dict, site: str, k: int) 
     for div, name, color in ((div_site, site, _color(site, 0)), (div_all, "all sites", "black")):
         if div is None:
             continue
-        ax.plot(div["blocks"], div["distinct_images"], "o-", ms=3, color=color, label=f"{name}: images")
-        ax.plot(div["blocks"], div["distinct_classes"], "s--", ms=3, color=color, alpha=0.6,
+        ax.plot(div.blocks, div.distinct_images, "o-", ms=3, color=color, label=f"{name}: images")
+        ax.plot(div.blocks, div.distinct_classes, "s--", ms=3, color=color, alpha=0.6,
                 label=f"{name}: classes")
     ax.set_ylabel(f"distinct argmax among top {k} units")
     ax.set_ylim(0, k + 0.5)
     ax.set_title(f"Diversity of the top-{k} units' argmax samples by depth")
-    _depth_axis(ax, div_all["blocks"])
+    _depth_axis(ax, div_all.blocks)
     ax.legend(fontsize=8)
     return fig
 
@@ -314,4 +328,35 @@ def unitmem_histogram(um: np.ndarray, site: np.ndarray, sites: tuple[str, ...],
     ax.set_ylabel("units")
     ax.set_title("UnitMem distribution")
     ax.legend(fontsize=8)
+    return fig
+
+
+def planted_separation(names: list[str], group: np.ndarray, metrics: list[tuple[np.ndarray, str]],
+                       um: np.ndarray, unit_group: np.ndarray, threshold: float) -> Figure:
+    """Planted memorization: one panel per metric (per-sample values by role), plus the
+    UnitMem of the units each role singles out, with the U10 threshold.
+
+    Args:
+      names: roles in display order; group: (N,) each sample's role.
+      metrics: [(values (N,), label)]; um: (U,) UnitMem; unit_group: (U,) role of each
+        unit's argmax sample.
+    """
+    panels = list(metrics) + [(None, "UnitMem of the units it singles out")]
+    fig = Figure(figsize=(3.2 * len(panels), 3.4), dpi=DPI, layout="constrained")
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for p, (values, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        cols = [(values[group == g] if values is not None else um[unit_group == g]) for g in names]
+        cols = [c[np.isfinite(c)] for c in cols]
+        for i, c in enumerate(cols):
+            if len(c):
+                ax.boxplot([c], positions=[i], widths=0.6, showfliers=False)
+                ax.scatter(i + rng.uniform(-0.2, 0.2, len(c)), c, s=8, alpha=0.5, color=f"C{i}")
+        if values is None:
+            ax.axhline(threshold, color="gray", ls="--", lw=0.8, label="U10 threshold")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), [n.replace("canary ", "") for n in names], rotation=30, fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("Planted memorization: held-out, singletons, canaries by training copies", fontsize=10)
     return fig

@@ -1,0 +1,88 @@
+"""Builders shared by several test files: hand-written run directories, and what the
+planted-memorization tests measure and bound (test_planted.py and test_run.py both check a
+planted run against the same margins)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from varjax import unitmem
+from varjax.data.planted import parse_role
+
+
+def unit_rows(n_blocks: int, c: int) -> list[tuple[int, str, int]]:
+    """units.csv rows (block, site path, index) of n_blocks x (attn.proj c, ffn.fc1 4c, ffn.fc2 c)."""
+    return [(b, f"blocks.{b}.{s}", i) for b in range(n_blocks)
+            for s, w in (("attn.proj", c), ("ffn.fc1", 4 * c), ("ffn.fc2", c)) for i in range(w)]
+
+
+def write_run(d: Path, acts: np.ndarray | None, splits: list[str], units, npz: bool = False,
+              scales: int = 0, sources: list[str] | None = None) -> np.ndarray:
+    """Writes units.csv, samples.csv and activations.npy and/or stats_*.npz; returns sample ids."""
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "units.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["unit", "block", "site", "index"])
+        w.writerows([u, *row] for u, row in enumerate(units))
+    ids = np.arange(len(splits)) + 100
+    with open(d / "samples.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample", "split", "label", "source"])
+        for r, sp in enumerate(splits):
+            w.writerow([ids[r], sp, r % 4, sources[r] if sources else f"missing/{ids[r]}.png"])
+    if npz:
+        for sp in dict.fromkeys(splits):
+            rows = np.flatnonzero(np.array(splits) == sp)
+            st = unitmem.stats_from_matrix(acts, ids[rows], rows)
+            extra = {}
+            if scales:  # scale k: the same activations scaled per sample, so UnitMem differs
+                ramp = 1 + np.arange(len(ids))[:, None] / 10
+                sc = [unitmem.stats_from_matrix(acts * ramp ** k, ids[rows], rows) for k in range(scales)]
+                extra = {f"scale_{n}": np.stack([getattr(s, n) for s in sc])
+                         for n in ("max", "argmax", "sum")}
+            np.savez(d / f"stats_{sp}.npz", max=st.max, argmax=st.argmax, sum=st.sum,
+                     count=np.int64(st.count), **extra)
+    else:
+        np.save(d / "activations.npy", acts.astype(np.float32))
+    return ids
+
+
+# -- Sensitivity of the pipeline on the shipped model ------------------------------------------
+# Margins that held for every training seed tried (0-3, data seed 0, 8 views, crop seed 0;
+# measured values in brackets, seed 0 = the shipped model first). Each is looser than the worst
+# seed, so the test guards the pipeline (recording, statistics, ids, loss), not one seed's luck.
+# The NumMemUnits brackets predate the 2026-12-01 attn.proj fix (seed 0's values now: SEED0).
+NMU_AUC_MIN = 0.6  # canaries vs singletons, NumMemUnits over U10(D_all) [0.643, 0.764, 0.688, 0.825]
+NMU_P_MAX = 0.05  # its two-sided Mann-Whitney p [0.016, 7e-5, 0.0016, 5e-8]
+DUP64_RATIO_MIN = 5.0  # dup64 canaries' mean NumMemUnits / singletons' [17.6, 10.4, 11.1, 14.2]
+LOSS_AUC_MAX = 0.1  # canaries vs singletons, loss: P(canary's > singleton's) [0.024, 0.043, 0.048, 0.053]
+HELDOUT_LOSS_AUC_MAX = 0.3  # singletons vs held-out, loss [0.217, 0.162, 0.183, 0.211]
+# Every 64-fold canary is fitted better than every singleton [gap >= 1.35 nats in all seeds].
+LOSS_GAP_MIN = 0.0
+
+def canary_numbers(run_dir: Path, result: dict) -> dict[str, float]:
+    """What the margins bound, from a planted run's planted.json content and per_sample.csv."""
+    t, g = result["tests"], result["groups"]
+    with open(run_dir / "samples.csv", newline="") as f:
+        role = {r["sample"]: parse_role(r["source"]) for r in csv.DictReader(f)}
+    with open(run_dir / "per_sample.csv", newline="") as f:
+        loss = [(role[r["sample"]], float(r["loss"])) for r in csv.DictReader(f)]
+    dup64 = [x for r, x in loss if r.kind == "canary" and r.dup == 64]
+    assert len(dup64) == 4
+    return {"nmu_auc": t["nmu_u10"]["canary vs single"]["auc"],
+            "nmu_p": t["nmu_u10"]["canary vs single"]["p_mannwhitney"],
+            "dup64_ratio": g["canary dup64"]["nmu_u10"]["mean"] / g["single"]["nmu_u10"]["mean"],
+            "loss_auc": t["loss"]["canary vs single"]["auc"],
+            "heldout_loss_auc": t["loss"]["single vs heldout"]["auc"],
+            "loss_gap": min(x for r, x in loss if r.kind == "single") - max(dup64)}
+
+
+def assert_canaries_found(n: dict[str, float]) -> None:
+    """The pipeline singles out the canaries: every margin above holds."""
+    assert n["nmu_auc"] > NMU_AUC_MIN and n["nmu_p"] < NMU_P_MAX, n
+    assert n["dup64_ratio"] > DUP64_RATIO_MIN, n
+    assert n["loss_auc"] < LOSS_AUC_MAX and n["heldout_loss_auc"] < HELDOUT_LOSS_AUC_MAX, n
+    assert n["loss_gap"] > LOSS_GAP_MIN, n
