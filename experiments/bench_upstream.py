@@ -38,14 +38,13 @@ import types
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from varjax import config as config_lib  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
-from varjax.taps import UNIT_SITES, collect  # noqa: E402
+from varjax.taps import UNIT_SITES  # noqa: E402
 
 CALLS = ("tokenize", "teacher_forced")
 
@@ -158,22 +157,7 @@ def varjax_calls(model: Model, images: np.ndarray, labels: np.ndarray, xla_defau
     functions compiled with plain jax.jit (XLA's default CPU kernels) and the einsum attention:
     the settings before varjax/xla_options.py and the `blocked` kernel existed."""
     if xla_defaults:
-        from varjax import model as model_lib
-
-        model = Model(model.config, model.params, attention="einsum")
-        jitted = {name: jax.jit(getattr(model_lib, name).__wrapped__, static_argnums=argnums)
-                  for name, argnums in (("_tokenize", (0, 1)), ("_var_input", (0, 1)), ("_teacher_forced", (0,)))}
-
-        def tokenize():
-            return jax.block_until_ready(jitted["_tokenize"](model.vqvae, model.config.patch_nums,
-                                                             model.params["vqvae"], images))
-
-        def teacher_forced(tokens):
-            x = jitted["_var_input"](model.vqvae, model.config.patch_nums, model.params["vqvae"], tuple(tokens))
-            logits, taps = jitted["_teacher_forced"](model.var, model.params["var"], jnp.asarray(labels), x, None)
-            return jax.block_until_ready((logits, collect(taps)))
-
-        return tokenize, teacher_forced
+        model = Model(model.config, model.params, attention="einsum", xla_defaults=True)
     return (lambda: jax.block_until_ready(model.tokenize(images)),
             lambda tokens: jax.block_until_ready(model.teacher_forced(labels, tokens)))
 

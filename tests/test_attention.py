@@ -70,7 +70,8 @@ def test_auto_picks_the_backends_kernel():
 
 def test_compiled_programs_get_the_options():
     """Convolutions leave YNNPACK (XLA's own op), products stay on it: the CPU lever of
-    varjax/xla_options.py takes effect. A jaxlib that rejects the options gets none."""
+    varjax/xla_options.py takes effect, and `xla_defaults` undoes it. A jaxlib that rejects
+    the options gets none."""
     opts = xla_options.compiler_options()
     if jax.default_backend() != "cpu":
         assert opts == {}
@@ -91,3 +92,6 @@ def test_compiled_programs_get_the_options():
     fused = re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", text)
     assert "conv_general_dilated" not in fused  # not inside a library fusion
     assert "dot_general" in fused and re.search(r"= f32\[1,16,16,32\]\S* convolution\(", text)
+    # `.xla_defaults` (Model(xla_defaults=True)) compiles with XLA's own choice: YNNPACK's conv
+    default = xla_options.jit(f).xla_defaults.lower(*args).compile().as_text()
+    assert "conv_general_dilated" in re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", default)

@@ -35,11 +35,17 @@ class Model:
     params: dict[str, Any]
     taps: TapConfig = TapConfig()
     attention: str = "auto"  # the transformer's attention kernel (varjax/attention.py)
+    # Compile with XLA's own CPU kernels instead of varjax's choice (varjax/xla_options.py):
+    # the rounding of results computed before that choice existed, bit for bit.
+    xla_defaults: bool = False
 
     def __post_init__(self):
         self.vqvae = VQVAE(self.config.vqvae) if self.config.vqvae is not None else None
         self.var = (VAR(self.config.var, self.taps, attention=self.attention)
                     if self.config.var is not None else None)
+
+    def _jit(self, fn):
+        return fn.xla_defaults if self.xla_defaults else fn
 
     def _need(self, part: str):
         if getattr(self, part) is None:
@@ -53,17 +59,17 @@ class Model:
         images = jnp.asarray(images)
         if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"tokenize wants uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}")
-        return _tokenize(self.vqvae, self.config.patch_nums, self.params["vqvae"], images)
+        return self._jit(_tokenize)(self.vqvae, self.config.patch_nums, self.params["vqvae"], images)
 
     def var_input(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
         """Token indices -> the teacher-forcing input (B, L - 1, Cv)."""
         self._need("vqvae")
-        return _var_input(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+        return self._jit(_var_input)(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     def decode(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
         """Token indices -> VQVAE reconstruction, float32 (B, H, W, 3) in [-1, 1]."""
         self._need("vqvae")
-        return _decode(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+        return self._jit(_decode)(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     # -- the transformer ------------------------------------------------------------------
     def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None, reduction: str = "mean_abs"):
@@ -83,7 +89,7 @@ class Model:
         self._need("var")
         labels = jnp.asarray(labels, jnp.int32)
         x = self.var_input(tokens)
-        logits, taps = _teacher_forced(self.var, self.params["var"], labels, x, drop)
+        logits, taps = self._jit(_teacher_forced)(self.var, self.params["var"], labels, x, drop)
         return logits, collect(taps, reduction)
 
 

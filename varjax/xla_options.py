@@ -54,6 +54,8 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 
     The options are looked up at the first call (or `.lower`), not at import, so importing
     varjax starts no backend (jax.distributed.initialize must come first on several hosts).
+    `.xla_defaults` is the same function under plain `jax.jit`: XLA's own kernel choice, for
+    reproducing what was computed before these options existed (varjax.Model `xla_defaults`).
     """
 
     @functools.cache
@@ -65,4 +67,5 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
         return jitted()(*args, **kwargs)
 
     call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
+    call.xla_defaults = jax.jit(fun, **jit_kwargs)
     return call
