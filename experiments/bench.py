@@ -9,6 +9,7 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py --config tiny --images-per-step 2 --steps 3
     python experiments/bench.py --precision-cost --config d16 --images 64
     python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
+    python experiments/bench.py --config tiny --images-per-step 2 --against-xla-defaults
 
 Each precision's first setting also times the tokenizer alone on one step's views (a
 "tokenizer" line) and splits the step's time into tokenizer, teacher-forcing input,
@@ -138,12 +139,15 @@ def _compiled_mem_gib(compiled) -> float | None:
 
 
 def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int,
-              attention: str = "einsum", cost_images: np.ndarray | None = None):
+              attention: str = "einsum", cost_images: np.ndarray | None = None,
+              against_xla_defaults: bool = False):
     """Time one compiled step at steady state; returns (JSON row, mu of `cost_images` or None).
 
     The step is compiled as a run that keeps activations (`save_activations`), so the same
     program also yields the per-sample mu that `precision_cost` compares; that costs one more
-    (B, U) output per step and nothing else.
+    (B, U) output per step and nothing else. `against_xla_defaults` also compiles the step as
+    it was before varjax chose its CPU kernels (XLA's defaults; `einsum` for `blocked`) and
+    times the two alternately, step by step, so both see the same machine load.
     """
     opts = Options(batch_size=images_per_step, precision=precision, attention=attention,
                    save_activations=True)
@@ -155,11 +159,26 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
                                               np.zeros(B, np.int32), np.ones(B, bool))]
     state, out = compiled(params, state, imgs, *rest)  # warm-up (first run allocates)
     jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, out = compiled(params, state, imgs, *rest)
-    jax.block_until_ready((state, out))
-    dt = time.perf_counter() - t0
+    ref_ips = None
+    if against_xla_defaults:
+        before = dataclasses.replace(opts, attention="einsum" if attention == "blocked" else attention)
+        ref = compile_step(model, views, before, (size, size), _empty_state(model), xla_defaults=True)
+        ref_state, out = ref.fn(ref.params, ref.state, imgs, *rest)
+        jax.block_until_ready(out)
+        dt = ref_dt = 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, out = jax.block_until_ready(compiled(params, state, imgs, *rest))
+            t1 = time.perf_counter()
+            ref_state, _ = jax.block_until_ready(ref.fn(ref.params, ref_state, imgs, *rest))
+            dt, ref_dt = dt + t1 - t0, ref_dt + time.perf_counter() - t1
+        ref_ips = B * steps / ref_dt
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, out = compiled(params, state, imgs, *rest)
+        jax.block_until_ready((state, out))
+        dt = time.perf_counter() - t0
     ips = B * steps / dt
     flops = step_flops(model, views, opts, size)
     dev = jax.devices()[0]
@@ -178,6 +197,8 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
         "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "device": dev.device_kind, "devices": len(jax.devices()), **_versions(),
     }
+    if ref_ips is not None:
+        row.update(xla_defaults_images_per_s=round(ref_ips, 4), speedup_vs_xla_defaults=round(ips / ref_ips, 3))
     mu = None
     if cost_images is not None:
         mus = []
@@ -221,9 +242,10 @@ def split_one(model: Model, precision: str, attention: str, tokens: np.ndarray, 
     """Where one step's time goes, each part compiled and timed alone (best of `steps` runs) on
     one step's views: tokenizer (`tokenizer_s`, from `tokenizer_one`, which made `tokens`
     (views, L)), teacher-forcing input, the transformer without recording, the recording's
-    reductions (the transformer with the study's 48 sites, minus without), and the rest of
-    the step (`step_s`: loss, statistics). Parts compiled apart need not add up exactly to
-    the fused step, and on a busy machine a small difference can come out negative."""
+    reductions (the transformer with the study's 48 sites, minus without; the two take
+    turns), and the rest of the step (`step_s`: loss, statistics). Parts compiled apart need
+    not add up exactly to the fused step, and on a busy machine a small difference can come
+    out negative or large: rerun with more --steps."""
     from varjax.record import _precision
     from varjax.taps import NO_TAPS
     from varjax.vqvae import VQVAE
@@ -250,10 +272,10 @@ def split_one(model: Model, precision: str, attention: str, tokens: np.ndarray, 
     per_scale = tuple(jax.device_put(t) for t in np.split(tokens, ends, axis=1))
     labels = jnp.zeros(len(tokens), jnp.int32)
     x = var_input(per_scale)
-    seconds = {"tokenizer_s": tokenizer_s, "var_input_s": _best(var_input, (per_scale,), steps),
-               "transformer_s": _best(transformer(NO_TAPS), (labels, x), steps)}
-    with_taps = _best(transformer(TapConfig(sites=UNIT_SITES)), (labels, x), steps)
-    seconds["reductions_s"] = with_taps - seconds["transformer_s"]
+    bare, with_taps = _best({"bare": (transformer(NO_TAPS), (labels, x)),
+                             "taps": (transformer(TapConfig(sites=UNIT_SITES)), (labels, x))}, steps).values()
+    seconds = {"tokenizer_s": tokenizer_s, "var_input_s": _best({"x": (var_input, (per_scale,))}, steps)["x"],
+               "transformer_s": bare, "reductions_s": with_taps - bare}
     seconds["rest_s"] = step_s - with_taps - seconds["tokenizer_s"] - seconds["var_input_s"]
     return {"what": "split", "precision": precision, "attention": attention, "views_per_step": len(tokens),
             "step_s": round(step_s, 4), **{k: round(v, 4) for k, v in seconds.items()},
@@ -261,14 +283,17 @@ def split_one(model: Model, precision: str, attention: str, tokens: np.ndarray, 
             "device": jax.devices()[0].device_kind, **_versions()}
 
 
-def _best(fn, args: tuple, steps: int) -> float:
-    """Seconds of the fastest of `steps` runs of `fn(*args)`, after one warm-up run."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(steps):
-        t0 = time.perf_counter()
+def _best(fns: dict, steps: int) -> dict:
+    """{name: seconds of the fastest of `steps` runs} for fns {name: (fn, args)}, after one
+    warm-up run each; the functions take turns, so a change of machine load hits them alike."""
+    for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
+    best = {name: float("inf") for name in fns}
+    for _ in range(steps):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -345,6 +370,9 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     ap.add_argument("--skip-tokenizer", action="append", choices=PRECISIONS, metavar="PRECISION",
                     help="no tokenizer-alone timing (nor token comparison) for this precision (repeatable)")
+    ap.add_argument("--against-xla-defaults", action="store_true",
+                    help="also time each step as compiled before varjax chose its CPU kernels (XLA's "
+                         "defaults, einsum attention), alternating step by step: the before/after")
     ap.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                     help="with each tokenizer line, time the step's parts alone (a 'split' line; "
                          "three more compilations per precision)")
@@ -380,7 +408,7 @@ def main(argv=None) -> int:
         first = args.precision_cost and (precision, attention) not in results
         try:
             row, mu = bench_one(model, precision, b, args.views, args.steps, cfg.resolution, attention,
-                                cost_imgs if first else None)
+                                cost_imgs if first else None, args.against_xla_defaults)
         except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
             failed += 1
             print(json.dumps({"config": args.config, "what": "error", "precision": precision,

@@ -104,3 +104,39 @@ def test_d16_costs_what_upstream_counted():
     assert abs(per_view / 1e9 - 525) < 1.0, per_view
     fused = bench.step_flops(model, 2, dataclasses.replace(Options(batch_size=1), attention="fused"), cfg.resolution)
     assert fused / 2 == per_view  # every kernel is counted on the same algebra
+
+
+def test_bench_upstream_refuses_a_path_that_is_no_checkout(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_upstream.py"), "--upstream",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "not a FoundationVision/VAR checkout" in res.stderr
+    assert res.stderr.count("\n") == 1 and not res.stdout
+
+
+def test_cpu_kernel_rows_compare_like_with_like():
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_cpu_kernels.py"), "--part",
+                          "attention", "--images", "1", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = {r["impl"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert {"einsum", "blocked", "torch_sdpa"} <= set(rows)
+    # the same function: blocked and torch's kernel agree with the spelled-out softmax
+    assert all(r["max_abs_diff"] < 1e-5 and r["min_s"] > 0 for r in rows.values())
+
+
+def test_profile_attributes_the_traced_time():
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "profile_cpu.py"), "--config", "micro",
+                          "--call", "teacher_forced"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    (row,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert row["by_op_ms"]["dot_general"] > 0 and any("ffn" in k for k in row["by_module_ms"])
+    assert 0 < row["attributed_ms"] <= row["traced_wall_ms"] * 2  # thunks may overlap on 2 threads
+
+
+def test_against_xla_defaults_times_both_programs():
+    rows = _bench("--config", "micro", "--images-per-step", "2", "--views", "2", "--steps", "1",
+                  "--precision", "highest", "--against-xla-defaults", "--no-split")
+    (row,) = [r for r in rows if r["what"] == "throughput"]
+    assert row["xla_defaults_images_per_s"] > 0
+    assert row["speedup_vs_xla_defaults"] == pytest.approx(row["images_per_s"] / row["xla_defaults_images_per_s"], rel=1e-2)
+    assert not [r for r in rows if r["what"] == "split"]

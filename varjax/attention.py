@@ -16,8 +16,7 @@ spelled-out attention ran at a third to a fifth of the speed of PyTorch's fused 
 Softmax over fewer keys is the same softmax: the skipped keys have weight exp(-inf) = 0.
 `auto` takes `blocked` on a CPU when the pyramid has scales worth a group (`resolve`).
 
-Shape letters: B batch, L tokens, H heads, c head width, N = B * H, Q queries of a group,
-K keys of a group.
+Shape letters (varjax.names): B batch, L tokens, H heads, c head width.
 """
 
 from __future__ import annotations
@@ -66,21 +65,30 @@ def resolve(kind: str, dtype, patch_nums: tuple[int, ...]) -> str:
 
 def blocked(q_BLHc, k_BLHc, v_BLHc, mask_LL, patch_nums: tuple[int, ...], scale: float,
             dtype) -> jnp.ndarray:
-    """The same function as `einsum`, by scale groups and one (image, head) at a time."""
+    """varjax/var.py's `einsum` attention, by scale groups and one (image, head) at a time.
+
+    Args:
+      q_BLHc, k_BLHc, v_BLHc: (B, L, H, c) queries, keys, values in the compute dtype.
+      mask_LL: (L, L) bool, the block-causal mask (`varjax.var.block_causal_mask`).
+      patch_nums: the pyramid, which sets the groups (`query_groups`).
+      scale: of the logits; dtype: the compute dtype (logits and softmax are float32).
+    Returns:
+      (B, L, H * c) in `dtype`, heads concatenated as the einsum path's.
+    """
     B, L, H, c = q_BLHc.shape
     groups = query_groups(patch_nums)
 
-    def one(qkv):  # one (image, head): q, k, v (L, c)
+    def one(qkv):  # one (image, head): q, k, v each (L, c)
         q_Lc, k_Lc, v_Lc = qkv
         out = []
-        for first, end, masked in groups:
-            logits_QK = jnp.einsum("qc,kc->qk", q_Lc[first:end], k_Lc[:end]).astype(jnp.float32) * scale
+        for first, end, masked in groups:  # logits (end - first, end): the group's queries x keys
+            logits = jnp.einsum("qc,kc->qk", q_Lc[first:end], k_Lc[:end]).astype(jnp.float32) * scale
             if masked:
-                logits_QK = jnp.where(mask_LL[first:end, :end], logits_QK, -jnp.inf)
-            attn_QK = jax.nn.softmax(logits_QK, axis=-1).astype(dtype)
-            out.append(jnp.einsum("qk,kc->qc", attn_QK, v_Lc[:end]))
+                logits = jnp.where(mask_LL[first:end, :end], logits, -jnp.inf)
+            attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
+            out.append(jnp.einsum("qk,kc->qc", attn, v_Lc[:end]))
         return jnp.concatenate(out, axis=0)
 
     per_head = [jnp.transpose(x, (0, 2, 1, 3)).reshape(B * H, L, c) for x in (q_BLHc, k_BLHc, v_BLHc)]
-    out_NLc = jax.lax.map(one, tuple(per_head))
-    return jnp.transpose(out_NLc.reshape(B, H, L, c), (0, 2, 1, 3)).reshape(B, L, H * c)
+    out = jax.lax.map(one, tuple(per_head))  # (B * H, L, c)
+    return jnp.transpose(out.reshape(B, H, L, c), (0, 2, 1, 3)).reshape(B, L, H * c)

@@ -265,18 +265,20 @@ class CompiledStep:
 
 
 def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
-                 state: dict) -> CompiledStep:
+                 state: dict, xla_defaults: bool = False) -> CompiledStep:
     """Jit `make_step` with the batch sharded and parameters and statistics replicated, and
     compile it ahead of time (so compile time is reported apart from steady-state speed).
 
     Args:
       image_shape: (H, W) of the views; opts.batch_size: images per step over all devices.
       state: host statistics (`varjax.stats.init_state` or a resumed checkpoint).
+      xla_defaults: compile with XLA's own CPU kernels, not varjax/xla_options.py's choice.
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,), compiler_options=compiler_options())
+                   out_shardings=(repl, data), donate_argnums=(1,),
+                   compiler_options={} if xla_defaults else compiler_options())
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape

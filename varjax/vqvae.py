@@ -26,9 +26,10 @@ class GroupNorm(nn.Module):
 
     Two-pass variance, as PyTorch (flax's fast E[x^2]-E[x]^2 loses digits on large
     activations). Each statistic is summed per channel over all positions first, then over
-    the channels of a group: the channel axis stays the contiguous one, which XLA's CPU
-    reductions run about twice as fast as one reduction over (positions, group channels),
-    and the squared deviations are never written out. The output is cast to `dtype`.
+    the channels of a group: the reduction keeps the contiguous channel axis, which XLA's CPU
+    reductions run faster than one over (positions, group channels), and the squared
+    deviations are never written out (`experiments/bench_cpu_kernels.py --part groupnorm`).
+    The output is cast to `dtype`.
     """
 
     num_groups: int = 32
@@ -45,8 +46,8 @@ class GroupNorm(nn.Module):
         n = H * W * (C // G)
 
         def group_mean(v_BHWC):  # (B, H, W, C) -> (B, C): each channel's group mean
-            s_BG = jnp.sum(v_BHWC, axis=(1, 2)).reshape(B, G, C // G).sum(axis=-1)
-            return jnp.repeat(s_BG / n, C // G, axis=1)
+            sums = jnp.sum(v_BHWC, axis=(1, 2)).reshape(B, G, C // G).sum(axis=-1)  # (B, groups)
+            return jnp.repeat(sums / n, C // G, axis=1)
 
         d = x - group_mean(x)[:, None, None, :]
         mul_BC = jax.lax.rsqrt(group_mean(jnp.square(d)) + self.epsilon) * scale_C
