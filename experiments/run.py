@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from varjax.errors import VarjaxError
+from varjax.names import SITES, UNIT_SITES
 from varjax.study import PRESETS, StudyConfig, reanalyze, run
 
 
@@ -57,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=4, help="data loader threads per process")
     ap.add_argument("--variant", choices=("mean", "median"), default="mean",
                     help="mu_-max as the mean (study) or median (official UnitMem) of the other samples")
+    ap.add_argument("--sites", default=",".join(UNIT_SITES),
+                    help=f"comma-separated recording sites, of {', '.join(SITES)} (default: the study's three; "
+                         "head = the logits, head_nm = AdaLNBeforeHead's output, resid = the residual stream "
+                         "after each block; docs/design.md)")
+    ap.add_argument("--top-k", type=int, default=10,
+                    help="top-UnitMem units per block for item 8 and diversity by depth (the study: 10)")
     ap.add_argument("--reanalyze", metavar="RUN_DIR", help="recompute the analysis from RUN_DIR's files only")
     ap.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
     ap.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -65,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("augs", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error("--augs and --batch-size must be positive")
+    if args.top_k < 1:
+        ap.error("--top-k must be positive")
+    args.sites = tuple(s.strip() for s in args.sites.split(",") if s.strip())
+    unknown = [s for s in args.sites if s not in SITES]
+    if unknown or not args.sites:
+        ap.error(f"--sites: unknown site(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SITES)}")
     return args
 
 
@@ -81,7 +94,7 @@ def main(argv=None) -> int:
         if args.reanalyze:
             from pathlib import Path
 
-            out, summary = Path(args.reanalyze), reanalyze(args.reanalyze, args.variant)
+            out, summary = Path(args.reanalyze), reanalyze(args.reanalyze, args.variant, top_k=args.top_k)
         else:
             config = StudyConfig(**{k: v for k, v in vars(args).items() if k != "reanalyze"})
             out, summary = run(config)

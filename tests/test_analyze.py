@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import analyze as analyze_cli
-from tests.conftest import unit_rows, write_run
+from tests.conftest import finish_run, unit_rows, write_run
 from varjax import analysis as A
 from varjax.analysis import report as report_lib
 
@@ -67,7 +67,18 @@ def test_hand_run_numbers_report_and_figures(tmp_path):
     assert list(on_disk["top_units"]) == ["0", "1"]
     assert on_disk["top_units"]["1"][0] == {"unit": 10, "site": "ffn.fc1", "unitmem": pytest.approx(11 / 13),
                                             "argmax": 107, "label": 3}
-    for name in STUDY_FIGURES + ["extra_unitmem_histogram", "extra_diversity_by_depth"]:
+    # Open questions. Classes (labels = row % 4): U10's argmax samples 107 (class 3) and 105
+    # (class 1): O = [0, 1, 0, 1], E = 0.5 each, chi2 = 4 x 0.25 / 0.5 = 2, the least any
+    # relabelling gives (two samples in two classes: 2; in one class: 6), so p = 1.
+    ci = on_disk["class_influence"]
+    assert ci["u10_argmax"] == [0, 1, 0, 1] and ci["chi2"] == pytest.approx(2.0)
+    assert ci["p_value"] == 1.0 and ci["stand_out"] == [] and "exchangeable" in ci["null"]
+    div = on_disk["diversity"]
+    assert div["k"] == 10 and list(div["by_site"]) == ["attn.proj", "ffn.fc1", "ffn.fc2", "all sites"]
+    # Block 1's fc1: units 10 (UnitMem 11/13, argmax 107) then 7, 8, 9 (argmax 100): 2 images.
+    assert div["by_site"]["ffn.fc1"]["distinct_images"] == [1, 2]
+    assert on_disk["scale_depth"] is None
+    for name in STUDY_FIGURES + ["extra_unitmem_histogram", "extra_diversity_by_depth", "open_class_influence"]:
         png = tmp_path / "figures" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert on_disk["figures"][name] == f"figures/{name}.png"
@@ -75,6 +86,9 @@ def test_hand_run_numbers_report_and_figures(tmp_path):
     for name in on_disk["figures"]:
         assert f"](figures/{name}.png)" in report
     assert "## D_all" not in report and "No run.json" in report
+    assert "### Class influence: no class stands out" in report
+    assert "### Diversity of memorized samples by depth, quantified (top 10 units per block)" in report
+    assert "### Where memorization sits" not in report  # no per-scale statistics
     assert "10.00% (2/20)" in report  # samples with NumMemUnits > 0
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -155,10 +169,14 @@ def test_stats_npz_run_with_val_matches_matrix_run(tmp_path):
     assert d["u10_count"] == b["d_all"]["u10_count"]
     assert a["per_scale"] is not None and len(a["per_scale"]["threshold"]) == 3
     assert a["loss_correlation"]["n"] == 15
-    for name in ("fig9_train_vs_val", "extra_per_scale", "extra_loss_vs_memunits"):
+    for name in ("fig9_train_vs_val", "extra_per_scale", "extra_loss_vs_memunits", "open_scale_depth"):
         assert (npz_dir / "figures" / f"{name}.png").is_file()
+    sd = a["scale_depth"]
+    assert len(sd["centre"]) == 3 and sd["exact"] and sd["n_permutations"] == 6  # 3! orders
+    assert 0 <= min(sd["centre"]) and max(sd["centre"]) <= 0.75  # blocks 0..3 of depth 4
     report = (npz_dir / "report.md").read_text()
     assert "## D_all" in report and "| precision | float32 |" in report and "| config.depth | 4 |" in report
+    assert "### Where memorization sits by scale and depth" in report and "Spearman rho = " in report
 
 
 def test_image_loading_is_pluggable_and_never_crashes(tmp_path):
@@ -246,3 +264,31 @@ def test_npz_inconsistent_with_samples(tmp_path, no_png):
     np.savez(tmp_path / "stats_val.npz", **parts)
     with pytest.raises(A.AnalysisError, match="no 'val' samples"):
         A.analyze(tmp_path)
+
+
+def test_run_with_head_and_residual_sites(tmp_path, no_png):
+    """2 blocks x (fc1 4, resid 1) + head_nm 1 + head 3 at block 2 (= depth), 12 samples:
+    the top sites get their rows in every table, a relative depth of 1, no trend test of
+    their own and no place in the scale x depth profile (not in a block)."""
+    units = ([(b, f"blocks.{b}.ffn.fc1", i) for b in range(2) for i in range(4)]
+             + [(b, f"blocks.{b}", 0) for b in range(2)] + [(2, "head_nm", 0)] + [(2, "head", i) for i in range(3)])
+    acts = np.random.default_rng(0).gamma(2.0, 0.1, size=(12, len(units))).astype(np.float32)
+    acts[3, -3:] += 5  # the head's units memorize sample 103
+    write_run(tmp_path, acts, ["train"] * 12, units, npz=True, scales=3)
+    finish_run(tmp_path, sites=("ffn.fc1", "resid", "head_nm", "head"))
+    A.analyze(tmp_path, n_permutations=N_PERM)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["sites"] == ["ffn.fc1", "resid", "head_nm", "head"] and s["n_blocks"] == 3
+    assert s["per_site"]["head"]["n_units"] == 3 and s["per_site"]["head"]["u10_count"] >= 1
+    assert s["per_block"]["blocks"] == [0, 1, 2]
+    head = s["diversity"]["by_site"]["head"]
+    assert head["blocks"] == [2] and head["relative_depth"] == [1.0] and head["p_image_falls"] is None
+    assert s["diversity"]["by_site"]["all sites"]["blocks"] == [0, 1]
+    assert s["scale_depth"]["sites"] == ["ffn.fc1", "resid"] and len(s["scale_depth"]["u10_share"][0]) == 2
+    assert list(s["top_units"]) == ["0", "1"]  # item 8: the fc1 blocks, not the head's
+    report = (tmp_path / "report.md").read_text()
+    assert "| head | 3 |" in report and "head: no trend test (one block)." in report
+    # The run's own sites are checked: units.csv must hold what record.json recorded.
+    finish_run(tmp_path, sites=("ffn.fc1", "resid"))
+    with pytest.raises(A.AnalysisError, match="record.json recorded ffn.fc1, resid"):
+        A.analyze(tmp_path, n_permutations=N_PERM)

@@ -229,3 +229,12 @@ def test_pipeline_finds_the_planted_canaries(shipped_run):
     assert n["loss_gap"] == pytest.approx(SEED0["loss_gap"], abs=SEED0_GAP_ATOL)
     assert result["model"]["params_sha256"] == json.loads(
         (default_checkpoint() / "planted.json").read_text())["params_sha256"]
+
+
+def test_recorded_planted_run_names_its_checkpoint(shipped_run, tmp_path):
+    """record_planted's run names the checkpoint it recorded, so the analysis of a run from
+    another seed's model reads that model's planted.json, not the shipped one's."""
+    run_dir, _ = shipped_run
+    assert json.loads((run_dir / "run.json").read_text())["checkpoint"] == str(default_checkpoint().resolve())
+    p = A.analyze_planted(A.load_run(run_dir), n_permutations=0)  # no checkpoint argument
+    assert p.model["checkpoint_from"] == "run.json"

@@ -106,7 +106,16 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-def _direct(model, plan) -> dict[str, np.ndarray]:
+def _paths(depth: int, sites: tuple[str, ...]) -> list[str]:
+    """The PyTorch module paths of the recorded sites in unit-column order (docs/design.md):
+    block-major, the sites in the given (canonical) order, the residual stream as `blocks.{i}`,
+    then the top sites once."""
+    top = [s for s in sites if s in ("head_nm", "head")]
+    inner = [s for s in sites if s not in top]
+    return [f"blocks.{b}" if s == "resid" else f"blocks.{b}.{s}" for b in range(depth) for s in inner] + top
+
+
+def _direct(model, plan, sites: tuple[str, ...] = UNIT_SITES) -> dict[str, np.ndarray]:
     """Per-sample outputs of the pass, computed in numpy from `teacher_forced` (float64).
 
     Unit values come from the signed (L, units) activations of every site, so neither the
@@ -114,10 +123,10 @@ def _direct(model, plan) -> dict[str, np.ndarray]:
     Returns mu (N, U), scale_mu (N, K, U) and per_sample (N, 2 + 2K) in per_sample.csv's
     column order (loss, acc, loss_s*, acc_s*).
     """
-    full = Model(model.config, model.params, TapConfig(reductions=("full",)))
+    full = Model(model.config, model.params, TapConfig(sites=sites, reductions=("full",)))
     pn = model.config.patch_nums
     bounds = np.cumsum([0] + [p * p for p in pn])
-    sites = [f"blocks.{b}.{s}" for b in range(model.config.var.depth) for s in UNIT_SITES]
+    sites = _paths(model.config.var.depth, sites)
     mu, scale_mu, per_sample = [], [], []
     for r in range(len(plan)):
         tokens = model.tokenize(rw.views(r))
@@ -137,13 +146,29 @@ def _direct(model, plan) -> dict[str, np.ndarray]:
     return {"mu": np.stack(mu), "scale_mu": np.stack(scale_mu), "per_sample": np.array(per_sample)}
 
 
-def test_stats_and_per_sample_rows_equal_direct_numpy(tmp_path):
-    """Statistics, activations and per_sample.csv from the pass == numpy on `teacher_forced`."""
+@pytest.mark.parametrize("sites", [UNIT_SITES, ("ffn.fc1", "resid", "head_nm", "head")],
+                         ids=["study", "resid-head"])
+def test_stats_and_per_sample_rows_equal_direct_numpy(tmp_path, sites):
+    """Statistics, activations and per_sample.csv from the pass == numpy on `teacher_forced`,
+    for the study's sites and for the residual stream and the head's sites."""
     model, plan = rw.model(), rw.plan()
     with jax.default_matmul_precision("highest"):
-        record(model, plan, tmp_path, rw.NUM_VIEWS, Options(batch_size=4, save_activations=True, per_scale=True),
-               image_shape=(64, 64))
-        direct = _direct(model, plan)
+        record(model, plan, tmp_path, rw.NUM_VIEWS,
+               Options(batch_size=4, save_activations=True, per_scale=True, sites=sites), image_shape=(64, 64))
+        direct = _direct(model, plan, sites)
+    # units.csv names the same columns: each path's units in order, a top site's block = depth.
+    v = model.config.var
+    width = {"ffn.fc1": v.mlp_dim, "head": v.vocab_size}
+    want = []
+    for p in _paths(v.depth, sites):
+        parts = p.split(".")
+        block = int(parts[1]) if parts[0] == "blocks" else v.depth
+        site = (".".join(parts[2:]) or "resid") if parts[0] == "blocks" else p
+        want += [(block, site)] * width.get(site, v.embed_dim)
+    rows = [line.split(",") for line in (tmp_path / "units.csv").read_text().splitlines()[1:]]
+    assert [(int(b), s) for _, b, s, _ in rows] == want
+    info = json.loads((tmp_path / "record.json").read_text())
+    assert list(info["fingerprint"]["sites"]) == list(sites)
     worst = {}
 
     def close(name, got, want, rtol, atol):
@@ -370,3 +395,28 @@ def test_settings_this_machine_cannot_run_leave_nothing_behind(tmp_path):
         record(rw.model(), rw.plan(), out, 2, Options(batch_size=4, precision="bf16", attention="cudnn",
                                                         save_activations=True), image_shape=(64, 64))
     assert not out.exists()
+
+
+def test_head_and_residual_sites_are_what_their_definitions_say():
+    """`head` is the logits; `head_nm` is the head's input (head(head_nm) = logits) and is
+    AdaLNBeforeHead applied to the last block's residual stream `blocks.{depth-1}`:
+    LayerNorm (no affine, eps) * (1 + scale) + shift, (scale, shift) = head_nm.ada_lin(SiLU(class
+    embedding)) (upstream basic_var.py AdaLNBeforeHead), all in float64 numpy here."""
+    model = rw.model()
+    v = model.config.var
+    full = Model(model.config, model.params, TapConfig(sites=("resid", "head_nm", "head"), reductions=("full",)))
+    labels = np.array([3, 7])
+    with jax.default_matmul_precision("highest"):
+        logits, acts = full.teacher_forced(labels, model.tokenize(rw.views(0)), reduction="full")
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), model.params["var"])
+    logits = np.asarray(logits, np.float64)
+    np.testing.assert_allclose(acts["head"], logits, rtol=1e-6, atol=1e-6)
+    h = np.asarray(acts["head_nm"], np.float64)
+    np.testing.assert_allclose(h @ p["head"]["kernel"] + p["head"]["bias"], logits, rtol=1e-4, atol=1e-5)
+    cond = p["class_emb"]["embedding"][labels]
+    m = (cond / (1 + np.exp(-cond))) @ p["head_nm"]["ada_lin_1"]["kernel"] + p["head_nm"]["ada_lin_1"]["bias"]
+    scale, shift = m[:, None, :v.embed_dim], m[:, None, v.embed_dim:]
+    x = np.asarray(acts[f"blocks.{v.depth - 1}"], np.float64)
+    ln = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + v.norm_eps)
+    np.testing.assert_allclose(ln * (1 + scale) + shift, h, rtol=1e-4, atol=1e-5)
+    assert set(acts) == {"blocks.0", "blocks.1", "head_nm", "head"}

@@ -45,6 +45,29 @@ def test_demo_writes_every_output(demo_run):
         assert f.stat().st_size > 5000, f"{f.name} looks empty"
 
 
+def test_demo_reports_the_open_questions(demo_run):
+    """Class influence, diversity by depth, and scale x depth: each with its test in summary.json
+    and its section and figure in the report (4 classes, 4 blocks, 4 scales)."""
+    s = json.loads((demo_run / "summary.json").read_text())
+    ci = s["class_influence"]
+    assert ci["classes"] == [0, 1, 2, 3] and sum(ci["u10_argmax"]) == s["u10_count"]
+    assert 0 < ci["p_value"] <= 1 and ci["n_permutations"] == 10_000
+    every = s["diversity"]["by_site"]["all sites"]
+    assert every["blocks"] == [0, 1, 2, 3] and every["p_image_falls"] is not None
+    sd = s["scale_depth"]
+    assert sd["labels"] == ["1x1", "2x2", "3x3", "4x4"] and sd["exact"] and sd["n_permutations"] == 24
+    assert len(sd["u10_share"]) == 4 and len(sd["u10_share"][0]) == 4  # K scales x 4 blocks (x sites)
+    report = (demo_run / "report.md").read_text()
+    for heading in ("## The study's open questions", "### Class influence: ",
+                    "### Diversity of memorized samples by depth, quantified (top 10 units per block)",
+                    "### Where memorization sits by scale and depth"):
+        assert heading in report, heading
+    assert f"permutation p = {ci['p_value']:.3g}" in report
+    assert f"p(deeper) = {sd['p_deeper']:.3g}" in report
+    for name in ("open_class_influence", "extra_diversity_by_depth", "open_scale_depth"):
+        assert f"](figures/{name}.png)" in report
+
+
 def test_demo_finds_the_planted_canaries(demo_run):
     """The demo's known answer: the shipped model's canaries stand out, in what the run wrote.
 
@@ -113,10 +136,13 @@ def test_bad_input_is_one_line(tmp_path, argv, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
 
 
-def test_bad_flag_value_exits_nonzero(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--augs", "0"],
+@pytest.mark.parametrize("argv, message", [(["--augs", "0"], "must be positive"),
+                                           (["--sites", "ffn.fc1,ffn.fc3"], "unknown site(s) ffn.fc3")])
+def test_bad_flag_value_exits_nonzero(tmp_path, argv, message):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), "--out", str(tmp_path / "o")] + argv,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr and message in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def _as_recorded_before_the_site_fix(src: Path, dst: Path) -> None:

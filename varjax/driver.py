@@ -48,7 +48,7 @@ from varjax.runfiles import (
     write_csv,
     write_units_csv,
 )
-from varjax.taps import SITE_DEFINITIONS, UNIT_SITES
+from varjax.taps import SITE_DEFINITIONS
 
 PROGRESS = "progress.npz"
 DONE = "record.json"
@@ -70,30 +70,30 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
-        "sites": recorded_sites(),
+        "sites": recorded_sites(opts.sites),
     }
 
 
-def recorded_sites() -> dict[str, str]:
+def recorded_sites(sites: tuple[str, ...]) -> dict[str, str]:
     """What each recorded site means (`varjax.taps.SITE_DEFINITIONS`), as a run stores it."""
-    return {s: SITE_DEFINITIONS[s] for s in UNIT_SITES}
+    return {s: SITE_DEFINITIONS[s] for s in sites}
 
 
 def check_sites(fingerprint: dict[str, Any], where: Path | str) -> None:
-    """Raises RecordError if a run's fingerprint was recorded under other site definitions.
+    """Raises RecordError if a run recorded one of its sites under another definition than
+    today's (`SITE_DEFINITIONS`); the run's own sites are checked, whichever they are.
 
     Runs from before 2026-12-01 have no `sites` entry: their `attn.proj` was proj(x) * gamma1,
     not the layer's own output that the study recorded, so their numbers mean something else.
     """
     sites = fingerprint.get("sites")
-    if sites == recorded_sites():
-        return
     if sites is None:
         raise RecordError(f"{where} was recorded before 2026-12-01, when attn.proj was proj(x) * gamma1 "
                           "instead of the layer's own output; record it again into a new --out")
-    changed = sorted(k for k in set(sites) | set(recorded_sites()) if sites.get(k) != recorded_sites().get(k))
-    raise RecordError(f"{where} was recorded with other site definitions ({', '.join(changed)}); "
-                      "record it again into a new --out")
+    changed = sorted(k for k, v in sites.items() if SITE_DEFINITIONS.get(k) != v)
+    if changed:
+        raise RecordError(f"{where} was recorded with other site definitions ({', '.join(changed)}); "
+                          "record it again into a new --out")
 
 
 def _fmt_time(s: float) -> str:
@@ -316,7 +316,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     if G % len(devices) or G % jax.process_count():
         raise RecordError(f"--batch-size {G} must be a multiple of the {len(devices)} devices "
                           f"and the {jax.process_count()} processes")
-    layout = unit_layout(model)
+    layout = unit_layout(model, opts.sites)
     K, S = len(model.config.patch_nums), len(plan.split_names)
     resume_key = {**fp, "processes": jax.process_count()}
     resume = _resume(out, resume_key, stats_lib.init_state(S, layout.n_units, K if opts.per_scale else 0))

@@ -30,6 +30,7 @@ from varjax import stats as stats_lib
 from varjax.errors import RecordError
 from varjax.model import Model
 from varjax.names import UnitLayout
+from varjax.names import canonical_sites
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
 from varjax.xla_options import compiler_options
@@ -155,6 +156,9 @@ class Options:
     # lowering), "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only) or "auto"
     # (per backend, varjax/attention.py `resolve`)
     attention: str = "einsum"
+    # The recording sites (varjax.names.SITES), kept in canonical order: the study's three by
+    # default; `head_nm`, `head` and `resid` are the others the study names.
+    sites: tuple[str, ...] = UNIT_SITES
 
     def __post_init__(self):
         for name in ("batch_size", "checkpoint_every"):
@@ -164,15 +168,21 @@ class Options:
             raise RecordError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTION:
             raise RecordError(f"attention {self.attention!r}: expected one of {', '.join(ATTENTION)}")
+        try:
+            object.__setattr__(self, "sites", canonical_sites(self.sites))
+        except ValueError as e:
+            raise RecordError(str(e)) from None
+        if not self.sites:
+            raise RecordError("record at least one site")
         if self.attention == "cudnn" and self.precision not in BF16_MODES:
             raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
                               f"takes bf16/fp16), not {self.precision!r}")
 
 
-def unit_layout(model: Model) -> UnitLayout:
-    """The recorded units of `model`, in unit-column order (varjax.names)."""
+def unit_layout(model: Model, sites: tuple[str, ...] = UNIT_SITES) -> UnitLayout:
+    """The units of `model` recorded at `sites`, in unit-column order (varjax.names)."""
     v = model.config.var
-    return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, UNIT_SITES)
+    return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, sites)
 
 
 @contextlib.contextmanager
@@ -207,9 +217,9 @@ def make_step(model: Model, num_views: int, opts: Options):
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
-    names = [name for name, *_ in unit_layout(model).segments()]
+    names = [name for name, *_ in unit_layout(model, opts.sites).segments()]
     reductions = ("mean_abs", "scale_mean_abs") if opts.per_scale else ("mean_abs",)
-    var = VAR(cfg.var, TapConfig(sites=UNIT_SITES, reductions=reductions),
+    var = VAR(cfg.var, TapConfig(sites=opts.sites, reductions=reductions),
               dtype=jnp.bfloat16 if opts.precision in BF16_MODES else jnp.float32, attention=opts.attention)
     vqvae = tokenizer(model, opts.precision)
     scale_mat = jnp.asarray(scale_means_matrix(pn))  # (K, L)

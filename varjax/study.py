@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from varjax.errors import RunError
+from varjax.names import UNIT_SITES
 
 PRESETS = {
     "demo": dict(data=None, checkpoint=None, out="runs/demo", augs=8, batch_size=16, classes=None,
@@ -63,6 +64,8 @@ class StudyConfig:
     workers: int = 0
     threads: int = 4
     variant: str = "mean"
+    top_k: int = 10
+    sites: tuple[str, ...] = UNIT_SITES
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -147,14 +150,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def reanalyze(run_dir: Path | str, variant: str = "mean", load_image=None) -> dict:
-    """The analysis, figures and report from the run directory's files alone; the summary."""
+def reanalyze(run_dir: Path | str, variant: str = "mean", load_image=None, top_k: int = 10) -> dict:
+    """The analysis, figures and report from the run directory's files alone; the summary.
+    The sites are the run's own (units.csv, checked against record.json)."""
     from varjax.analysis import analyze
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: no such run directory")
-    return analyze(run_dir, load_image=load_image or image_loader(run_dir), variant=variant,
+    return analyze(run_dir, load_image=load_image or image_loader(run_dir), variant=variant, top_k=top_k,
                    log=lambda m: _log(f"[analyze] {m}"))
 
 
@@ -184,7 +188,8 @@ def _record_options(cfg: StudyConfig, patch_nums: tuple[int, ...]):
     dtype = jnp.bfloat16 if cfg.precision in ("bf16", "bf16_full") else jnp.float32
     attention = attention_lib.resolve(cfg.attention, dtype, patch_nums)
     return Options(batch_size=cfg.batch_size, precision=cfg.precision, save_activations=cfg.save_activations,
-                   per_scale=cfg.per_scale, class_dropout=cfg.class_dropout, seed=cfg.seed, attention=attention)
+                   per_scale=cfg.per_scale, class_dropout=cfg.class_dropout, seed=cfg.seed, attention=attention,
+                   sites=tuple(cfg.sites))
 
 
 def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, info: dict) -> dict:
@@ -194,7 +199,7 @@ def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, i
         "data_dir": cfg.data_dir, "splits": splits, "classes": cfg.classes, "per_class": cfg.per_class,
         "seed": cfg.seed, "augs": cfg.augs, "mid_reso": cfg.mid_reso, "deterministic": cfg.deterministic,
         "class_dropout": cfg.class_dropout, "precision": cfg.precision, "attention": opts.attention,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size, "sites": list(opts.sites),
         "n_images": len(samples), "skipped": info["skipped"], "record_compile_s": info["compile_s"],
         "record_images_per_s": info["images_per_s"], "patch_nums": list(model.config.patch_nums),
         **versions(),
@@ -245,28 +250,38 @@ def run(config: StudyConfig) -> tuple[Path, dict | None]:
     data.write_samples_csv(str(out / "samples.csv"), samples)
     run_info = _run_info(cfg, model, model_name, splits, samples, opts, info)
     atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
-    summary = reanalyze(out, cfg.variant, image_loader(out, samples, source))
+    summary = reanalyze(out, cfg.variant, image_loader(out, samples, source), cfg.top_k)
     run_info["total_s"] = round(time.perf_counter() - t0, 1)
     atomic_write_text(out / "run.json", json.dumps(run_info, indent=1))
     return out, summary
 
 
-def record_planted(checkpoint: Path, run_dir: Path, views: int = 8, seed: int = 0, batch_size: int = 16) -> None:
+def record_planted(checkpoint: Path, run_dir: Path, views: int = 8, seed: int = 0, batch_size: int = 16,
+                   precision: str = "highest") -> None:
     """Records a planted checkpoint on the whole planted set, as the default run does.
 
     For checks without experiments/run.py (multi-seed studies, the tests): every member and
     held-out image, `views` random crops each (the study's augmentation at 64 px, crop seed
-    `seed`), activations saved; then samples.csv. Resumes or returns at once like the driver.
+    `seed`), activations saved, in `precision`; then samples.csv. Resumes or returns at once like the driver.
     """
     import varjax
     from varjax.data import AugmentConfig, open_source, select, write_samples_csv
     from varjax.driver import record
     from varjax.record import Options, Plan
+    from varjax.runfiles import atomic_write_text
 
     model = varjax.load(checkpoint)
     source = open_source("planted")
     samples = select(source)
     plan = Plan.from_samples(source, samples, AugmentConfig(resolution=model.config.resolution, views=views),
                              seed=seed)
-    record(model, plan, run_dir, num_views=views, opts=Options(batch_size=batch_size, save_activations=True))
+    opts = Options(batch_size=batch_size, save_activations=True, precision=precision)
+    info = record(model, plan, run_dir, num_views=views, opts=opts)
     write_samples_csv(str(Path(run_dir) / "samples.csv"), samples)
+    # The checkpoint by name: the planted analysis reads what was planted from it (a run that
+    # names none would be taken for the shipped model).
+    run_info = {"model": str(checkpoint), "checkpoint": str(Path(checkpoint).resolve()), "data": "planted",
+                "augs": views, "seed": seed, "precision": opts.precision, "batch_size": batch_size,
+                "n_images": len(samples), "skipped": info["skipped"], "patch_nums": list(model.config.patch_nums),
+                **versions()}
+    atomic_write_text(Path(run_dir) / "run.json", json.dumps(run_info, indent=1))

@@ -311,7 +311,7 @@ class BlockSiteTable:
       block_u10, block_mean, block_max: (blocks,) over all of a block's units (so fc1
         weighs 4x in the mean, as in the study).
       site_units, site_u10, site_u10_adjusted, site_u10_frac, site_mean, site_max: (sites,);
-        `site_u10_adjusted` scales each site to the smallest site's size (fc1 / 4).
+        `site_u10_adjusted` scales each site to the smallest per-block site's size (fc1 / 4).
     """
 
     blocks: np.ndarray
@@ -344,8 +344,10 @@ def block_site_table(um: np.ndarray, mask: np.ndarray, layout: UnitLayout) -> Bl
     site_units, site_mean, site_max = _group(um, layout.site, n_s)
     site_u10 = u10.sum(axis=0)
     # fc1 holds 4x the units of attn.proj / fc2: divide by the size ratio to the smallest
-    # site to compare layer types per unit (the study's "fc1 adjusted" bar).
-    ratio = site_units / site_units[site_units > 0].min()
+    # per-block site to compare layer types per unit (the study's "fc1 adjusted" bar); a top
+    # site (one block's worth) is scaled up to that size the same way.
+    inner = np.isin(np.arange(n_s), np.unique(layout.site[~layout.top])) & (site_units > 0)
+    ratio = site_units / site_units[inner if inner.any() else site_units > 0].min()
     return BlockSiteTable(
         blocks=blocks, sites=layout.sites, n_units=n_units, u10=u10, mean=mean, max=mx,
         block_u10=u10.sum(axis=1), block_mean=block_mean, block_max=block_max,
@@ -365,42 +367,6 @@ def top_units_of_block(um: np.ndarray, layout: UnitLayout, block: int,
         sel &= layout.site == site
     units = np.flatnonzero(sel)
     return units[np.argsort(-um[units], kind="stable")[:k]]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Diversity:
-    """Per block (blocks,): distinct argmax images and classes among its top-k units, and
-    `k` the number of units actually taken (fewer when a block has fewer)."""
-
-    blocks: np.ndarray
-    distinct_images: np.ndarray
-    distinct_classes: np.ndarray
-    k: np.ndarray
-
-
-def diversity_by_depth(um: np.ndarray, argmax: np.ndarray, layout: UnitLayout,
-                       label_of_unit: np.ndarray, site: int | None = None, k: int = 10) -> Diversity:
-    """How many distinct images and classes maximally activate each block's top-k units.
-
-    Args:
-      um: (U,) UnitMem.
-      argmax: (U,) sample id per unit.
-      layout: where each unit sits.
-      label_of_unit: (U,) class of each unit's argmax sample.
-      site: restrict to one site index, or None for all sites of the block.
-      k: units per block.
-
-    Returns:
-      Diversity.
-    """
-    blocks = layout.blocks
-    imgs, classes, ks = [], [], []
-    for b in blocks:
-        top = top_units_of_block(um, layout, int(b), site, k)
-        imgs.append(len(np.unique(argmax[top])))
-        classes.append(len(np.unique(label_of_unit[top])))
-        ks.append(len(top))
-    return Diversity(blocks, np.array(imgs), np.array(classes), np.array(ks))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,6 +215,7 @@ class VAR(nn.Module):
         x_BLC = x_BLC.astype(jnp.float32)
         scale, shift = _HeadNorm(c, name="head_nm")(cond_BD)
         h = _layer_norm(c.norm_eps, jnp.float32)(x_BLC) * (1 + scale) + shift
+        tap(self, self.taps, "head_nm", h, c.patch_nums)  # AdaLNBeforeHead's output, the head's input
         logits = _dense(c.vocab_size, jnp.float32, name="head")(h)
         tap(self, self.taps, "head", logits, c.patch_nums)
         return logits

@@ -12,14 +12,18 @@ In a notebook:
     analysis.F.u10_per_block(a.d_prime.table)      # one figure
 
 and `analysis.analyze(run_dir)` writes them all (figures/, summary.json, report.md;
-planted.json on a planted run), which is what `python experiments/run.py` does.
+planted.json on a planted run), which is what `python experiments/run.py` does. Several runs
+side by side (other depths, precisions): `analysis.compare(["runs/d16", "runs/d20"])` and
+`analysis.compare_runs(run_dirs, out)` (experiments/compare.py).
 
 Files: `rundir.py` (RunData, load_run), `compute.py` (Analysis, compute), `planted.py` (the
 canary tests), `figures.py` (one function per figure), `report.py` (summary.json and
-report.md), `outputs.py` (analyze: everything written).
+report.md), `questions.py` (the report's open questions), `fmt.py` (numbers, tables, JSON),
+`outputs.py` (analyze: everything written), `compare.py` (runs side by side).
 """
 
 from varjax.analysis import figures as F
+from varjax.analysis.compare import Comparison, CompareError, compare, compare_runs
 from varjax.analysis.compute import Analysis, DAllResult, DatasetResult, compute
 from varjax.analysis.outputs import (
     analyze,
@@ -33,7 +37,7 @@ from varjax.analysis.rundir import RunData, default_load_image, load_run
 from varjax.errors import AnalysisError
 
 __all__ = [
-    "Analysis", "AnalysisError", "DAllResult", "DatasetResult", "F", "PlantedAnalysis", "RunData",
-    "analyze", "analyze_planted", "analyze_planted_run", "compute", "default_load_image", "figures", "load_run",
-    "planted_figure", "summary_text", "write_planted",
+    "Analysis", "AnalysisError", "CompareError", "Comparison", "DAllResult", "DatasetResult", "F", "PlantedAnalysis",
+    "RunData", "analyze", "analyze_planted", "analyze_planted_run", "compare", "compare_runs", "compute",
+    "default_load_image", "figures", "load_run", "planted_figure", "summary_text", "write_planted",
 ]

@@ -2,9 +2,10 @@
 
 The study's items 1-8 on D' (split `train`), item 9 and the dataset numbers on D_all =
 D' + D_val when val samples are present, and what goes beyond the study (the other mu_-max
-variant, diversity of the top units by depth, loss vs NumMemUnits, the per-scale view, the
-planted-memorization tests on a planted run). Metrics come from `varjax.unitmem`; this
-module picks the datasets and keeps the results as frozen dataclasses.
+variant, loss vs NumMemUnits, the per-scale view, the planted-memorization tests on a
+planted run, and the study's open questions: class influence, diversity by depth with its
+test, where U10 sits by scale and depth). Metrics come from `varjax.unitmem` and
+`varjax.beyond`; this module picks the datasets and keeps the results as frozen dataclasses.
 
 Shape letters (varjax.names): N samples, U units, K scales.
 """
@@ -16,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from varjax import unitmem
+from varjax import beyond, unitmem
 from varjax.analysis.planted import PlantedAnalysis, analyze_planted
 from varjax.analysis.rundir import RunData
 from varjax.errors import AnalysisError
@@ -72,12 +73,15 @@ class Analysis:
         units per block for item 8 and the diversity measure.
       primary: the split taken as D'; rows: (N,) its positions in `data`.
       d_prime: items 1-6 on D'; argmax_row: (U,) position in `data` of each unit's argmax.
-      fc1: index of the `ffn.fc1` site (item 8 and diversity use it), or None.
+      fc1: index of the `ffn.fc1` site (item 8 uses it), or None.
       top_units: {block: (<= top_k,) unit ids}, the highest-UnitMem fc1 units of evenly
         spread blocks (item 8).
-      diversity_site, diversity_all: diversity by depth for fc1 (None without it) and all sites.
+      diversity: diversity by depth of the top_k units per block with its permutation test,
+        one per site and the last over all per-block sites ("all sites").
+      classes: class influence on D' (U10 argmax classes vs the classes' share of samples).
       loss: Spearman of per-sample loss and NumMemUnits on D' (None without per_sample.csv).
       per_scale, scale_labels: the per-scale view (None without per-scale statistics).
+      scale_depth: U10 by scale and depth and its centre of mass per scale (None as per_scale).
       other_variant: (name, D' result) of the other mu_-max variant (None without the matrix).
       d_all: item 9 (None without val samples).
       planted: the planted-memorization tests (None unless the run is planted).
@@ -93,14 +97,20 @@ class Analysis:
     argmax_row: np.ndarray
     fc1: int | None
     top_units: dict[int, np.ndarray]
-    diversity_site: unitmem.Diversity | None
-    diversity_all: unitmem.Diversity
+    diversity: tuple[beyond.DiversityTest, ...]
+    classes: beyond.ClassInfluence
     loss: unitmem.Correlation | None
     per_scale: unitmem.PerScaleView | None
     scale_labels: list[str] | None
+    scale_depth: beyond.ScaleDepthProfile | None
     other_variant: tuple[str, DatasetResult] | None
     d_all: DAllResult | None
     planted: PlantedAnalysis | None
+
+    @property
+    def diversity_all(self) -> beyond.DiversityTest:
+        """Diversity by depth over every per-block site."""
+        return self.diversity[-1]
 
     @property
     def fc1_name(self) -> str:
@@ -158,6 +168,20 @@ def _d_all(data: RunData, variant: str, q: float, n_permutations: int, seed: int
                       unitmem.split_comparison(ds.nmu, is_train, n_permutations, seed))
 
 
+def _beyond(data: RunData, main: DatasetResult, argmax: np.ndarray, label_of_unit: np.ndarray,
+            per_scale: unitmem.PerScaleView | None, q: float, top_k: int, n_permutations: int, seed: int,
+            say: Callable[[str], None]):
+    """The open questions on D': diversity tests per site, class influence, scale x depth."""
+    layout = data.layout
+    say(f"D': diversity by depth, class influence ({n_permutations} permutations each)")
+    diversity = tuple(beyond.diversity_test(main.um, argmax, label_of_unit, layout, s, top_k, n_permutations, seed)
+                      for s in [*range(len(layout.sites)), None])
+    classes = beyond.class_influence(main.nmu, data.label[data.rows_of(data.primary)], n_permutations, seed)
+    scale_depth = (beyond.scale_depth_profile(per_scale.um, layout, q, n_permutations, seed)
+                   if per_scale is not None else None)
+    return diversity, classes, scale_depth
+
+
 def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 10,
             n_permutations: int = 10_000, seed: int = 0, planted: bool = True,
             log: Callable[[str], None] | None = None) -> Analysis:
@@ -168,8 +192,8 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
       variant: "mean" (the study's mu_-max) or "median" (needs activations.npy).
       q: percentile defining U10 (90 in the study).
       top_k: units per block for item 8 and the diversity measure.
-      n_permutations: permutations of the train/val test on D_all (0 skips it) and of the
-        planted tests.
+      n_permutations: permutations of every permutation test (train/val on D_all, diversity,
+        class influence, scale x depth, the planted tests); 0 skips them.
       seed: seed of those tests.
       planted: run the planted-memorization tests when the run is planted.
       log: optional progress callback (one line per step).
@@ -202,14 +226,14 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
     d_all = None
     if "val" in data.stats and primary == "train":
         d_all = _d_all(data, variant, q, n_permutations, seed, say)
+    diversity, classes, scale_depth = _beyond(data, main, st.argmax, label_of_unit, per_scale, q, top_k,
+                                              n_permutations, seed, say)
     return Analysis(
         data=data, variant=variant, q=q, top_k=top_k, primary=primary, rows=rows, d_prime=main,
         argmax_row=argmax_row, fc1=fc1,
         top_units={int(b): unitmem.top_units_of_block(main.um, layout, int(b), fc1, top_k)
-                   for b in fig8_blocks(layout.blocks)},
-        diversity_site=(unitmem.diversity_by_depth(main.um, st.argmax, layout, label_of_unit, fc1, top_k)
-                        if fc1 is not None else None),
-        diversity_all=unitmem.diversity_by_depth(main.um, st.argmax, layout, label_of_unit, None, top_k),
+                   for b in fig8_blocks(layout.blocks_of(fc1))},
+        diversity=diversity, classes=classes,
         loss=unitmem.loss_correlation(data.loss[rows], main.nmu) if data.loss is not None else None,
-        per_scale=per_scale, scale_labels=labels, other_variant=other, d_all=d_all,
+        per_scale=per_scale, scale_labels=labels, scale_depth=scale_depth, other_variant=other, d_all=d_all,
         planted=planted_result)

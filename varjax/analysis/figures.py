@@ -1,4 +1,5 @@
-"""The study's figures (items 1-9 of docs/unitmem.md, "What the study reports") and extras.
+"""The study's figures (items 1-9 of docs/unitmem.md, "What the study reports") and extras:
+the open questions' (class influence, diversity by depth, scale x depth) among them.
 
 Every figure function draws one figure from already computed results (`varjax.unitmem`'s
 dataclasses) and returns a matplotlib `Figure`, for a notebook as for the report; nothing
@@ -20,11 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from varjax.runfiles import atomic_write_bytes
+from varjax.beyond import ClassInfluence, DiversityTest, ScaleDepthProfile
 from varjax.unitmem import (
     BlockSiteTable,
     Correlation,
     Coverage,
-    Diversity,
     PerScaleView,
     SplitComparison,
 )
@@ -289,28 +290,109 @@ def loss_vs_memunits(loss: np.ndarray, nmu: np.ndarray, corr: Correlation) -> Fi
     return fig
 
 
-def diversity_by_depth(div_site: Diversity | None, div_all: Diversity, site: str, k: int) -> Figure:
-    """Extra: distinct images and classes maximally activating each block's top-k units.
+def diversity_by_depth(tests: tuple[DiversityTest, ...], k: int) -> Figure:
+    """Open question: the entropy of the argmax images and classes of each block's top-k
+    units over depth, per site, with the permutation null's mean (all sites, grey).
 
     Args:
-      div_site: diversity by depth for one site (e.g. fc1), or None.
-      div_all: the same over all sites of each block.
-      site: the name of div_site's site.
-      k: units per block.
+      tests: one DiversityTest per site, the last over all per-block sites.
+      k: units per block (entropy at most log2 k).
     """
-    fig = _figure()
-    ax = fig.add_subplot()
-    for div, name, color in ((div_site, site, _color(site, 0)), (div_all, "all sites", "black")):
-        if div is None:
-            continue
-        ax.plot(div.blocks, div.distinct_images, "o-", ms=3, color=color, label=f"{name}: images")
-        ax.plot(div.blocks, div.distinct_classes, "s--", ms=3, color=color, alpha=0.6,
-                label=f"{name}: classes")
-    ax.set_ylabel(f"distinct argmax among top {k} units")
-    ax.set_ylim(0, k + 0.5)
-    ax.set_title(f"Diversity of the top-{k} units' argmax samples by depth")
-    _depth_axis(ax, div_all.blocks)
-    ax.legend(fontsize=8)
+    fig = _figure(10.0, 3.8)
+    axes = fig.subplots(1, 2)
+    every = tests[-1]
+    for ax, what, plural in zip(axes, ("image", "class"), ("images", "classes")):
+        # All sites first, wide and pale: it often equals fc1's line, which stays visible on top.
+        ax.plot(every.blocks, getattr(every, f"{what}_entropy"), "s-", lw=4, ms=5, color="black", alpha=0.3,
+                label=every.site)
+        for i, t in enumerate(tests[:-1]):
+            if len(t.blocks) < 2:
+                continue  # a top site (one "block"): its number is in the report's table
+            ax.plot(t.blocks, getattr(t, f"{what}_entropy"), "o-", ms=3, color=_color(t.site, i), label=t.site)
+        ax.plot(every.blocks, getattr(every, f"null_{what}_entropy"), ":", color="gray", label="null mean (all sites)")
+        p = getattr(every, f"p_{what}_falls")
+        ptxt = "no test" if p is None else f"slope {getattr(every, f'{what}_slope'):.2f} bits/depth, p(falls) = {p:.3g}"
+        ax.set_title(f"{plural} of the top-{k} units' argmax (all sites)\n{ptxt}", fontsize=9)
+        ax.set_ylabel("entropy (bits)")
+        ax.set_ylim(-0.1, np.log2(max(k, 2)) + 0.2)
+        _depth_axis(ax, every.blocks)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def class_influence(ci: ClassInfluence, nmu: np.ndarray, labels: np.ndarray) -> Figure:
+    """Open question: each class's share of the samples against its share of U10's argmax,
+    and NumMemUnits per class; the classes that stand out are starred.
+
+    Args:
+      ci: the class influence test; nmu: (N,) NumMemUnits; labels: (N,) each sample's class.
+    """
+    fig = _figure(max(7.0, 0.35 * len(ci.classes) + 3), 6.0)
+    axes = fig.subplots(2, 1)
+    x = np.arange(len(ci.classes))
+    axes[0].bar(x - 0.2, 100 * ci.sample_share, 0.4, color="tab:gray", label="share of D' samples")
+    axes[0].bar(x + 0.2, 100 * ci.u10_share, 0.4, color="tab:orange", label="share of U10 argmax")
+    for c in ci.stand_out:
+        i = int(np.flatnonzero(ci.classes == c)[0])
+        axes[0].annotate("*", (i + 0.2, 100 * ci.u10_share[i]), ha="center", fontsize=14)
+    ptxt = "no test" if ci.p_value is None else f"chi2 = {ci.chi2:.3g}, permutation p = {ci.p_value:.3g}"
+    axes[0].set_title(f"Class influence: {ptxt}; * Holm p <= {ci.alpha:g}", fontsize=9)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=7)
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for i, c in enumerate(ci.classes):
+        v = np.asarray(nmu)[np.asarray(labels) == c]
+        axes[1].boxplot([v], positions=[i], widths=0.6, showfliers=False)
+        axes[1].scatter(i + rng.uniform(-0.2, 0.2, len(v)), v, s=5, alpha=0.4, color="tab:orange")
+    axes[1].set_yscale("symlog", linthresh=1.0)
+    axes[1].yaxis.set_major_formatter(ScalarFormatter())
+    axes[1].set_ylabel("NumMemUnits (symlog)")
+    for ax in axes:
+        step = max(1, int(np.ceil(len(x) / 40)))
+        ax.set_xticks(x[::step], [str(c) for c in ci.classes[::step]], fontsize=7)
+        ax.set_xlabel("class")
+        ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def scale_depth(p: ScaleDepthProfile, scale_labels: list[str] | None = None) -> Figure:
+    """Where memorization sits by scale and depth: U10 share per (scale, block) for each site and
+    over all sites (the centre of mass per scale drawn on the latter), mean UnitMem per site,
+    and the centre of mass against the scale with Spearman's rho.
+
+    Args:
+      p: the profile (K scales x B blocks x sites).
+      scale_labels: optional K labels (e.g. "1x1", ..., "16x16").
+    """
+    K, _, S = p.u10_share.shape
+    labels = scale_labels or [str(k) for k in range(K)]
+    fig = _figure(3.2 * (S + 1), 6.4)
+    axes = fig.subplots(2, S + 1, squeeze=False)
+    extent = (p.blocks[0] - 0.5, p.blocks[-1] + 0.5, K - 0.5, -0.5)
+    panels = [(axes[0, s], p.u10_share[:, :, s], f"U10 share: {name}", "viridis") for s, name in enumerate(p.sites)]
+    panels += [(axes[0, S], p.u10_share_all, "U10 share: all sites", "viridis")]
+    panels += [(axes[1, s], p.mean[:, :, s], f"mean UnitMem: {name}", "magma") for s, name in enumerate(p.sites)]
+    for ax, values, title, cmap in panels:
+        im = ax.imshow(values, aspect="auto", cmap=cmap, extent=extent, interpolation="nearest")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(K), labels, fontsize=7)
+        ax.set_xlabel("block")
+        ax.set_xticks(p.blocks[:: max(1, int(np.ceil(len(p.blocks) / 8)))])
+    axes[0, S].plot(p.centre_block, np.arange(K), "w-o", ms=3, label="centre of mass")
+    axes[0, S].legend(fontsize=7, loc="lower right")
+    ax = axes[1, S]
+    ax.plot(np.arange(K), p.centre, "s-", color="black", label="all sites")
+    for s, name in enumerate(p.sites):
+        ax.plot(np.arange(K), p.centre_by_site[:, s], "o--", ms=3, color=_color(name, s), label=name, alpha=0.7)
+    ptxt = "no test" if p.p_deeper is None else f"rho = {p.rho:.2f}, p(deeper) = {p.p_deeper:.3g}"
+    ax.set_title(f"U10 centre of mass by scale\n{ptxt}", fontsize=9)
+    ax.set_xticks(range(K), labels, rotation=45, fontsize=7)
+    ax.set_xlabel("scale")
+    ax.set_ylabel("relative depth (block / depth)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
     return fig
 
 
@@ -359,4 +441,79 @@ def planted_separation(names: list[str], group: np.ndarray, metrics: list[tuple[
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("Planted memorization: held-out, singletons, canaries by training copies", fontsize=10)
+    return fig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunCurves:
+    """One run of a comparison: its label, block/site table, depth, coverage curve (x, y) and
+    diversity tests (one per site)."""
+
+    name: str
+    table: BlockSiteTable
+    depth: int
+    curve: tuple[np.ndarray, np.ndarray]
+    diversity: tuple[DiversityTest, ...]
+
+
+def compare_depth(runs: list[RunCurves], sites: tuple[str, ...]) -> Figure:
+    """Other depths: U10 share of each block's units (top row) and mean UnitMem (bottom) per
+    layer type against relative depth (block / depth), one line per run."""
+    fig = _figure(3.4 * len(sites), 6.0)
+    axes = fig.subplots(2, len(sites), squeeze=False)
+    for i, r in enumerate(runs):
+        x = r.table.blocks / max(r.depth, 1)
+        for s, site in enumerate(r.table.sites):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                share = r.table.u10[:, s] / r.table.n_units[:, s]
+            axes[0, s].plot(x, 100 * share, "o-", ms=3, color=f"C{i}", label=r.name)
+            axes[1, s].plot(x, r.table.mean[:, s], "o-", ms=3, color=f"C{i}", label=r.name)
+    for s, site in enumerate(sites):
+        axes[0, s].set_title(f"U10 share: {site}", fontsize=9)
+        axes[1, s].set_title(f"mean UnitMem: {site}", fontsize=9)
+        for ax in axes[:, s]:
+            ax.set_xlabel("relative depth (block / depth)")
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("% of the block's units in U10")
+    axes[1, 0].set_ylabel("mean UnitMem")
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def compare_coverage(runs: list[RunCurves]) -> Figure:
+    """Other depths: the coverage curves of the runs (share of U10 held by the top samples)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, r in enumerate(runs):
+        x, y = r.curve
+        ax.plot(100 * x, 100 * y, drawstyle="steps-post", color=f"C{i}", label=r.name)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(0, 100)
+    ticks = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(0, 102)
+    ax.set_xlabel("top % of samples (symlog scale)")
+    ax.set_ylabel("% of U10 units covered")
+    ax.set_title("Coverage of U10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def compare_diversity(runs: list[RunCurves], k: int) -> Figure:
+    """Other depths: entropy of the top-k units' argmax images per block against relative
+    depth, one panel per layer type, one line per run."""
+    sites = [d.site for d in runs[0].diversity]
+    fig = _figure(3.4 * len(sites), 3.6)
+    axes = fig.subplots(1, len(sites), squeeze=False)[0]
+    for i, r in enumerate(runs):
+        for ax, d in zip(axes, r.diversity):
+            ax.plot(d.relative_depth, d.image_entropy, "o-", ms=3, color=f"C{i}", label=r.name)
+    for ax, site in zip(axes, sites):
+        ax.set_title(f"{site}: top-{k} units' argmax images", fontsize=9)
+        ax.set_xlabel("relative depth (block / depth)")
+        ax.set_ylim(-0.1, np.log2(max(k, 2)) + 0.2)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("entropy (bits)")
+    axes[0].legend(fontsize=7)
     return fig

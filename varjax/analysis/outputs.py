@@ -88,11 +88,13 @@ def figures(a: Analysis, load_image: ImageLoader) -> dict[str, object]:
         out["d_all_u10_per_block"] = F.u10_per_block(a.d_all.dataset.table, "U10(D_all) units per block")
     lay = a.data.layout
     out["extra_unitmem_histogram"] = F.unitmem_histogram(main.um, lay.site, lay.sites, main.threshold, a.q)
-    out["extra_diversity_by_depth"] = F.diversity_by_depth(a.diversity_site, a.diversity_all, a.fc1_name, a.top_k)
+    out["extra_diversity_by_depth"] = F.diversity_by_depth(a.diversity, a.top_k)
+    out["open_class_influence"] = F.class_influence(a.classes, main.nmu, a.data.label[a.rows])
     if a.loss is not None:
         out["extra_loss_vs_memunits"] = F.loss_vs_memunits(a.data.loss[a.rows], main.nmu, a.loss)
     if a.per_scale is not None:
         out["extra_per_scale"] = F.per_scale(a.per_scale, lay.sites, a.scale_labels)
+        out["open_scale_depth"] = F.scale_depth(a.scale_depth, a.scale_labels)
     return out
 
 

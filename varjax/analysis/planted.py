@@ -358,3 +358,28 @@ def summary_text(p: PlantedAnalysis) -> str:
     k, found, chance = p.canaries_in_top
     lines.append(f"canaries among the top {k} by NumMemUnits: {found:.2f} (chance {chance:.2f})")
     return "\n".join(lines)
+
+
+def seed_entry(p: PlantedAnalysis) -> dict[str, Any]:
+    """One training seed's line of varjax/assets/planted/seeds.json: what the sensitivity
+    test's margins (tests/conftest.py) are checked against, rounded for reading."""
+    def test(t: GroupTest) -> dict[str, Any]:
+        return {"auc": None if t.auc is None else round(t.auc, 4),
+                "p_mannwhitney": None if t.p_mannwhitney is None else float(f"{t.p_mannwhitney:.3g}"),
+                "p_permutation": t.p_permutation}
+
+    def rho(c: unitmem.Correlation) -> dict[str, float | None]:
+        ok = math.isfinite(c.rho)
+        return {"rho": round(c.rho, 4) if ok else None, "p": float(f"{c.p_value:.3g}") if ok else None}
+
+    k, found, _ = p.canaries_in_top
+    return {
+        "params_sha256": (p.model or {}).get("params_sha256"),
+        "mean_nmu_u10": {g: v.metrics["nmu_u10"][0] for g, v in p.groups.items()},
+        "mean_loss": {g: None if v.metrics["loss"][0] is None else round(v.metrics["loss"][0], 4)
+                      for g, v in p.groups.items()},
+        "canaries_nmu_u10": {c.source: c.nmu_u10 for c in p.canaries},
+        f"canaries_in_top{k}": found,
+        **{m: {pair: test(t) for pair, t in pairs.items() if t.auc is not None} for m, pairs in p.tests.items()},
+        "spearman_vs_copies": {m: {w: rho(c) for w, c in r.items()} for m, r in p.dose_response.items()},
+    }

@@ -9,8 +9,11 @@
   `u10_count`, `samples_with_memunits`, `samples_with_memunits_frac`, `top1pct_coverage`,
   `top5pct_coverage`, `top10pct_coverage`, `coverage` (n samples and units per top-p),
   `unitmem` (mean/median/min/max), `per_site`, `per_block`, `top_samples`, `top_units`.
-- Beyond the study: `diversity`, `loss_correlation`, `per_scale`, `other_variant` (null when
-  not computed).
+- Beyond the study: `loss_correlation`, `per_scale`, `other_variant` (null when not computed).
+- The study's open questions (varjax.analysis.questions; each test with its `null`,
+  `statistic`, p-values, permutations and seed): `class_influence`, `diversity` (`k`,
+  `by_site`: one entry per site and "all sites"), `scale_depth` (null without per-scale
+  statistics).
 - `d_all` (only when val samples are present): the same dataset numbers on D' + D_val, and
   `all_units` / `u10` train-vs-val comparisons with permutation p-values.
 - `figures`: figure name -> path relative to the run directory.
@@ -22,13 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from varjax.analysis import questions
 from varjax.analysis.compute import Analysis, DatasetResult
+from varjax.analysis.fmt import jsonable, to_json  # noqa: F401 (to_json: re-exported)
+from varjax.analysis.fmt import num as _f
+from varjax.analysis.fmt import pct as _pct
+from varjax.analysis.fmt import table as _table
 from varjax.analysis.planted import FIGURE as PLANTED_FIGURE
 from varjax.analysis.planted import METRICS as PLANTED_METRICS
 from varjax.analysis.planted import PlantedAnalysis
@@ -84,11 +90,6 @@ def build_summary(a: Analysis, figures: dict[str, str]) -> dict:
     out["top_units"] = {str(b): [{"unit": u, "site": lay.sites[lay.site[u]], "unitmem": main.um[u],
                                   "argmax": st.argmax[u], "label": d.label[a.argmax_row[u]]}
                                  for u in units] for b, units in a.top_units.items()}
-    div = {"k": a.top_k}
-    for div_, name in ((a.diversity_site, "site"), (a.diversity_all, "all_sites")):
-        if div_ is not None:
-            div[name] = dataclasses.asdict(div_)
-    out["diversity"] = div
     out["loss_correlation"] = dataclasses.asdict(a.loss) if a.loss is not None else None
     ps = a.per_scale
     out["per_scale"] = None if ps is None else {
@@ -110,49 +111,9 @@ def build_summary(a: Analysis, figures: dict[str, str]) -> dict:
                         "u10": dataclasses.asdict(da.comparison_u10),
                         "note": "splits from samples.csv (the study's off-by-one, counting the first "
                                 "val sample as train, is not reproduced)"}
+    out.update(questions.summary(a))
     out["figures"] = dict(figures)
     return out
-
-
-def jsonable(x: Any) -> Any:
-    """numpy -> Python; NaN and inf -> None (JSON has neither)."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def to_json(summary: dict) -> str:
-    return json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n"
-
-
-# -- markdown ------------------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
-
-
-def _f(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, (int, np.integer)):
-        return f"{int(x):,}"
-    x = float(x)
-    return "n/a" if not math.isfinite(x) else f"{x:.{digits}g}"
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -296,7 +257,7 @@ class _Writer:
                 + self.fig("d_all_u10_per_block", "U10(D_all) per block"))
 
     def beyond(self, summary: dict) -> list[str]:
-        """Variant comparison, diversity by depth, loss correlation, per-scale view, distribution."""
+        """Variant comparison, loss correlation, per-scale view, distribution."""
         a = self.a
         lines = ["## Beyond the study", ""]
         o = summary["other_variant"]
@@ -306,12 +267,6 @@ class _Writer:
             lines += _table(["quantity", a.variant, o["variant"]],
                             [[k, fmt(k, summary), fmt(k, o)] for k in VARIANT_KEYS])
             lines += ["", f"U10 overlap (Jaccard) between the variants: {o['u10_jaccard_with_main']:.4f}.", ""]
-        cols = [(k, v) for k, v in (("site", a.diversity_site), ("all sites", a.diversity_all)) if v is not None]
-        lines += [f"### Diversity of the top-{a.top_k} units' argmax samples by depth", ""]
-        lines += _table(["block"] + [f"{k}: images / classes" for k, _ in cols],
-                        [[_f(b)] + [f"{v.distinct_images[i]} / {v.distinct_classes[i]}" for _, v in cols]
-                         for i, b in enumerate(a.diversity_all.blocks)])
-        lines += [""] + self.fig("extra_diversity_by_depth", "diversity by depth")
         lc = a.loss
         if lc is not None:
             lines += ["### Teacher-forced loss vs NumMemUnits", "",
@@ -395,10 +350,10 @@ def _sites_line(record_info: dict | None) -> str:
 
 def render_markdown(a: Analysis, summary: dict, figures: dict[str, str]) -> str:
     """The report: run configuration, planted memorization, D' (the study's numbers), D_all,
-    beyond the study. Figures are linked by paths relative to the run directory."""
+    beyond the study, the study's open questions. Figures are linked by paths relative to the run directory."""
     w = _Writer(a, figures)
     lines = w.run() + w.planted() + w.d_prime()
     if a.d_all is not None:
         lines += w.d_all()
-    lines += w.beyond(summary)
+    lines += w.beyond(summary) + questions.markdown(a, w.fig)
     return "\n".join(lines).rstrip() + "\n"

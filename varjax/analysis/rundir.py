@@ -210,6 +210,10 @@ def load_run(run_dir: Path | str) -> RunData:
         by_id = {_int(r["sample"], "per_sample.csv sample"): r["loss"] for r in per}
         loss = np.array([float(by_id[i]) if by_id.get(i, "") != "" else np.nan for i in ids])
     run_info, record_info = _read_infos(run_dir)
+    recorded = (record_info or {}).get("fingerprint", {}).get("sites")
+    if recorded is not None and set(recorded) != set(layout.sites):
+        raise AnalysisError(f"units.csv has the sites {', '.join(layout.sites)} but record.json recorded "
+                            f"{', '.join(recorded)}")
     return RunData(run_dir, layout, ids, split, label, [r["source"] for r in rows], stats, scale_stats,
                    acts, acts_rows, loss, run_info, record_info, n_all - len(acts_rows), stats_source)
 
