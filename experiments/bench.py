@@ -1,4 +1,5 @@
-"""Benchmark of the recording pass, and what each precision costs.
+"""Benchmark of the recording pass, and what each precision costs; with --generate, of the
+sampler (decode included), optionally side by side with upstream's.
 
 Times the whole compiled step of `varjax.record` (tokenization, teacher-forced transformer,
 unit reductions, loss, streaming statistics) at steady state on synthetic images, for a
@@ -10,6 +11,7 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py --precision-cost --config d16 --images 64
     python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
     python experiments/bench.py --config tiny --images-per-step 2 --against-xla-defaults
+    python experiments/bench.py --generate --gen-batch 8 --precision highest --upstream PATH
 
 Each precision's first setting also times the tokenizer alone on one step's views (a
 "tokenizer" line) and splits the step's time into tokenizer, teacher-forcing input,
@@ -24,11 +26,13 @@ agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax import config as config_lib  # noqa: E402
+from varjax import generate as gen_lib  # noqa: E402
 from varjax import stats as stats_lib  # noqa: E402
 from varjax import unitmem  # noqa: E402
 from varjax.model import Model, init_params  # noqa: E402
@@ -376,7 +381,17 @@ def main(argv=None) -> int:
     ap.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                     help="with each tokenizer line, time the step's parts alone (a 'split' line; "
                          "three more compilations per precision)")
+    gen = ap.add_argument_group("generation (--generate): the sampler, decode included")
+    gen.add_argument("--generate", action="store_true", help="time the sampler instead of the recording pass")
+    gen.add_argument("--gen-batch", type=int, action="append", help="images per call (repeatable; default 1, 8, 64)")
+    gen.add_argument("--reps", type=int, default=3, help="timed calls per setting after one warm-up")
+    gen.add_argument("--cfg", type=float, default=1.5)
+    gen.add_argument("--top-k", type=int, default=900)
+    gen.add_argument("--top-p", type=float, default=0.96)
+    gen.add_argument("--upstream", metavar="PATH", help="also time upstream's sampler from this VAR checkout, interleaved")
     args = ap.parse_args(argv)
+    if args.generate:
+        return _generate(args)
     variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
                                 for a in (args.attention or ("auto",))]
     n_dev = len(jax.devices())
@@ -435,6 +450,167 @@ def main(argv=None) -> int:
                 cost_row = precision_cost(ref, results[key], *key, args.images, args.views)
                 print(json.dumps({"config": args.config, **cost_row}), flush=True)
     return 1 if failed else 0
+
+
+# -- generation (--generate) ------------------------------------------------------------------
+# Whole calls of the compiled sampler with the decoder (upstream's autoregressive_infer_cfg
+# returns images too) after one warm-up call, compile time apart; with --upstream the same
+# weights run through upstream's own VAR and VQVAE (torch, float32, its default threads) right
+# after each of ours, so both see the same machine load. Upstream needs `huggingface_hub`
+# importable (any stand-in that defines PyTorchModelHubMixin will do).
+
+def _labels(batch: int, num_classes: int) -> np.ndarray:
+    return (np.arange(batch) * 37 + 11) % num_classes  # fixed, spread over the classes
+
+
+def _ours(model: Model, sampling: gen_lib.Sampling, precision: str, batch: int, attention: str):
+    """(compile seconds, a function that runs one timed call)."""
+    program = gen_lib.program_for(model, sampling, return_images=True, precision=precision, attention=attention)
+    cs = gen_lib.compiled_for(model, program, batch)
+    labels = _labels(batch, model.config.var.num_classes)
+
+    def call():
+        g = gen_lib.generate(model, labels, sampling, seed=0, return_images=True, precision=precision,
+                             attention=attention)
+        jax.block_until_ready(g.images)
+
+    return cs.compile_s, call
+
+
+def sampler_gflop(model: Model, sampling: gen_lib.Sampling, precision: str, batch: int) -> float:
+    """GFLOP of one call (matmuls and convolutions, counted on the jaxpr as bench.py does)."""
+    program = gen_lib.program_for(model, sampling, return_images=True, precision=precision)
+    fn = gen_lib.make_sampler(model.config, program)
+    pn, L = model.config.patch_nums, model.config.var.seq_len
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), model.params)
+    ints = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    jaxpr = jax.make_jaxpr(fn)(params, ints, ints, jax.ShapeDtypeStruct((), jnp.uint32),
+                               jax.ShapeDtypeStruct((len(pn), 2), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
+                               jax.ShapeDtypeStruct((batch, L), jnp.int32), ints)
+    return _dot_conv_flops(jaxpr.jaxpr) / 1e9
+
+
+def _upstream(path: str, model: Model, sampling: gen_lib.Sampling, batch: int):
+    """A function that runs upstream's autoregressive_infer_cfg once on `model`'s weights."""
+    import torch
+
+    sys.path.insert(0, str(Path(path).resolve()))
+    from models import VAR, VQVAE  # upstream's package
+
+    cfg = model.config
+    v, q = cfg.var, cfg.vqvae
+    if (q.ch_mult, q.num_res_blocks) != ((1, 1, 2, 2, 4), 2):
+        raise ValueError("upstream's VQVAE has ch_mult (1, 1, 2, 2, 4) and 2 blocks per level; this config differs")
+    # Upstream's build_vae_var fixes width = 64 * depth; the constructors take any config.
+    with contextlib.redirect_stdout(sys.stderr):  # upstream prints its config; stdout is for JSON lines
+        vae = VQVAE(vocab_size=q.vocab_size, z_channels=q.z_channels, ch=q.ch, share_quant_resi=q.share_quant_resi,
+                    quant_resi=q.quant_resi, v_patch_nums=cfg.patch_nums, test_mode=True)
+        var = VAR(vae_local=vae, num_classes=v.num_classes, depth=v.depth, embed_dim=v.embed_dim,
+                  num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, norm_eps=v.norm_eps, shared_aln=v.shared_aln,
+                  attn_l2_norm=v.attn_l2_norm, patch_nums=cfg.patch_nums, flash_if_available=False,
+                  fused_if_available=False)
+    for module, part in ((vae, "vqvae"), (var, "var")):
+        _load_into(module, model.params[part])
+    vae.eval()
+    var.eval()
+    labels = torch.tensor(_labels(batch, v.num_classes))
+
+    def call():
+        with torch.inference_mode():
+            var.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=0, cfg=sampling.cfg, top_k=sampling.top_k,
+                                         top_p=sampling.top_p, more_smooth=sampling.more_smooth)
+
+    return call
+
+
+def _load_into(module, params) -> None:
+    """Our parameter tree -> a torch module's state_dict, by the converter's rule inverted."""
+    import torch
+
+    from convert.mapping import entry, is_ignored
+
+    state = {}
+    for key, tensor in module.state_dict().items():
+        if is_ignored(key):
+            continue
+        e = entry(key, tensor.ndim)
+        value = params
+        for part in e.path:
+            value = value[part]
+        value = np.asarray(value)
+        if e.axes:
+            value = np.transpose(value, np.argsort(e.axes))
+        state[key] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    assert not unexpected and all(is_ignored(k) for k in missing), (missing, unexpected)
+
+
+def _row(what: str, times: list[float], batch: int, extra: dict) -> dict:
+    med, best = statistics.median(times), min(times)
+    return {"what": what, "batch": batch, "images_per_s": round(batch / med, 4),
+            "images_per_s_best": round(batch / best, 4), "call_s": [round(t, 3) for t in times], **extra}
+
+
+def generate_bench(model: Model, config_name: str, precisions, batches, reps: int, sampling,
+        upstream: str | None, versions: dict, attention: str = "einsum") -> int:
+    """Prints one JSON line per (precision, batch) and one per upstream batch; returns 0."""
+    dev = jax.devices()[0]
+    common = {"config": config_name, "cfg": sampling.cfg, "top_k": sampling.top_k, "top_p": sampling.top_p,
+              "decode": True}
+    for batch in batches:
+        up_call = _upstream(upstream, model, sampling, batch) if upstream else None
+        up_times: list[float] = []
+        if up_call:
+            up_call()  # warm-up
+        for precision in precisions:
+            compile_s, call = _ours(model, sampling, precision, batch, attention)
+            call()  # warm-up (first run allocates)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+                if up_call and precision == precisions[0]:  # interleaved with the first precision
+                    t0 = time.perf_counter()
+                    up_call()
+                    up_times.append(time.perf_counter() - t0)
+            gflop = sampler_gflop(model, sampling, precision, batch) / batch
+            row = _row("generation", times, batch, {
+                **common, "precision": precision, "attention": attention, "compile_s": round(compile_s, 2),
+                "gflop_per_image": round(gflop, 1),
+                "tflop_per_s": round(gflop * batch / statistics.median(times) / 1e3, 3),
+                "device": dev.device_kind, "devices": len(jax.devices()), **versions})
+            print(json.dumps(row), flush=True)
+        if up_call:
+            import torch
+
+            print(json.dumps(_row("generation_upstream", up_times, batch, {
+                **common, "precision": "float32", "interleaved_with": precisions[0], "torch": torch.__version__,
+                "torch_threads": torch.get_num_threads()})), flush=True)
+    return 0
+
+
+def _generate(args) -> int:
+    from varjax.generate import PRECISIONS as GEN_PRECISIONS, Sampling
+
+    precisions = args.precision or list(GEN_PRECISIONS)
+    bad = [p for p in precisions if p not in GEN_PRECISIONS]
+    batches = args.gen_batch or [1, 8, 64]
+    if bad or min(batches) < 1 or args.reps < 1:
+        print(f"bench: error: --generate takes precisions {', '.join(GEN_PRECISIONS)}, positive --gen-batch and --reps",
+              file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        import varjax
+
+        model, name = varjax.load(args.checkpoint), Path(args.checkpoint).name
+    else:
+        cfg = config_lib.PRESETS[args.config]()
+        model, name = Model(cfg, init_params(cfg, seed=0)), args.config
+    sampling = Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    attention = (args.attention or ["einsum"])[0]
+    return generate_bench(model, name, precisions, batches, args.reps, sampling, args.upstream, _versions(),
+                          attention)
 
 
 if __name__ == "__main__":

@@ -31,20 +31,17 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from varjax import attention as attention_lib  # noqa: E402
-from varjax.config import PATCH_NUMS_256  # noqa: E402
-from varjax.var import block_causal_mask  # noqa: E402
-from varjax.vqvae import GroupNorm  # noqa: E402
-from varjax.xla_options import compiler_options  # noqa: E402
+from varjax import attention as attention_lib
+from varjax.config import PATCH_NUMS_256
+from varjax.var import block_causal_mask
+from varjax.vqvae import GroupNorm
+from varjax.xla_options import compiler_options
 
 _LIB = "LIBRARY_FUSION_TYPE_"
 XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this jaxlib takes them)

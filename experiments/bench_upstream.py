@@ -40,11 +40,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from varjax import config as config_lib  # noqa: E402
-from varjax.model import Model, init_params  # noqa: E402
-from varjax.taps import UNIT_SITES  # noqa: E402
+from varjax import config as config_lib
+from varjax.model import Model, init_params
+from varjax.taps import UNIT_SITES
 
 CALLS = ("tokenize", "teacher_forced")
 

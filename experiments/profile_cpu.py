@@ -30,10 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from varjax import config as config_lib  # noqa: E402
-from varjax.model import Model, _teacher_forced, _tokenize, init_params  # noqa: E402
+from varjax import config as config_lib
+from varjax.model import Model, _teacher_forced, _tokenize, init_params
 
 
 def _compiled_call(model: Model, call: str, images: np.ndarray):

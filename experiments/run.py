@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "after each block; docs/design.md)")
     ap.add_argument("--top-k", type=int, default=10,
                     help="top-UnitMem units per block for item 8 and diversity by depth (the study: 10)")
+    ap.add_argument("--scale-units", metavar="FILE",
+                    help="multiply these units (rows of a units.csv with block, site, index, or unit ids "
+                         "of this run's layout) by --scale-factor while recording (stored in record.json)")
+    ap.add_argument("--scale-factor", type=float, default=0.5, help="factor for --scale-units")
+    ap.add_argument("--scale-mode", choices=("weights", "output"), default="weights",
+                    help="weights: the units' incoming weights (biases kept); output: their values")
     ap.add_argument("--reanalyze", metavar="RUN_DIR", help="recompute the analysis from RUN_DIR's files only")
     ap.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
     ap.add_argument("--num-processes", type=int, help="multi-host: number of processes")

@@ -140,3 +140,37 @@ def test_against_xla_defaults_times_both_programs():
     assert row["xla_defaults_images_per_s"] > 0
     assert row["speedup_vs_xla_defaults"] == pytest.approx(row["images_per_s"] / row["xla_defaults_images_per_s"], rel=1e-2)
     assert not [r for r in rows if r["what"] == "split"]
+
+
+def test_generation_rows():
+    rows = _bench("--generate", "--config", "micro", "--gen-batch", "2", "--reps", "2", "--precision", "highest",
+                  "--top-k", "10")
+    (row,) = rows
+    assert row["what"] == "generation" and row["batch"] == 2 and len(row["call_s"]) == 2
+    assert row["images_per_s_best"] >= row["images_per_s"] > 0 and row["compile_s"] > 0
+    assert row["gflop_per_image"] > 0 and (row["cfg"], row["top_k"], row["top_p"]) == (1.5, 10, 0.96)
+
+
+def test_generation_flops_split_as_expected():
+    """d16 with CFG: the transformer twice (about 300 GFLOP a pass with the cache) plus the
+    decoder (394 GFLOP); without CFG the transformer once."""
+    from varjax import config as config_lib
+    from varjax.generate import Sampling
+    from varjax.model import Model, param_shapes
+    from varjax.vqvae import VQVAE
+
+    import jax
+    import jax.numpy as jnp
+
+    bench = _bench_module()
+    cfg = config_lib.PRESETS["d16"]()
+    model = Model(cfg, param_shapes(cfg))
+    guided = bench.sampler_gflop(model, Sampling(1.5, 900, 0.96), "highest", 1)
+    plain = bench.sampler_gflop(model, Sampling(0.0, 900, 0.96), "highest", 1)
+    vq = VQVAE(cfg.vqvae)
+    dec = jax.make_jaxpr(lambda p, f: vq.apply({"params": p}, f, method=VQVAE.decode_fhat))(
+        model.params["vqvae"], jax.ShapeDtypeStruct((1, 16, 16, 32), jnp.float32))
+    decoder = bench._dot_conv_flops(dec.jaxpr) / 1e9
+    transformer = guided - plain
+    assert 280 < transformer < 310  # teacher forcing: 310 with the full masked L x L attention
+    assert abs(plain - transformer - decoder) < 1.0  # the rest is the decoder (f_hat updates are tiny)

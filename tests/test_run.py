@@ -126,6 +126,7 @@ def test_reanalyze_hand_written_directory(tmp_path):
     (["--data", "/nonexistent/images"], "does not exist"),
     (["--reanalyze", "/nonexistent/run"], "no such run directory"),
     (["--preset", "study"], "needs --checkpoint"),
+    (["--scale-units", "/nonexistent/units.txt"], "cannot read the unit list"),
     (["--data", "imagenet2012", "--data-dir", "/nonexistent/tfds"], "imagenet2012 is not prepared: nothing in /nonexistent/tfds"),
 ])
 def test_bad_input_is_one_line(tmp_path, argv, message):

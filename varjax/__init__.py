@@ -5,6 +5,7 @@
     tokens = model.tokenize(images_uint8)     # K int32 arrays (B, pn*pn)
     logits, acts = model.teacher_forced(labels, tokens)
     recon = model.decode(tokens)
+    tokens = model.generate(labels, cfg=1.5, top_k=900, top_p=0.96, seed=0)
 """
 
 from varjax.config import ModelConfig, VARConfig, VQVAEConfig

@@ -38,6 +38,7 @@ from varjax.record import (
     Plan,
     RecordError,
     check_backend,
+    check_scaling,
     compile_step,
     unit_layout,
 )
@@ -59,19 +60,27 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     h = hashlib.sha256()
     for a in (plan.ids, plan.labels, plan.splits):
         h.update(np.ascontiguousarray(a, np.int64).tobytes())
-    # Weights: every tensor's shape and leading values tell two checkpoints apart cheaply.
-    w = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]:
-        w.update(jax.tree_util.keystr(path).encode())
-        w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
-    return {
-        "rows": len(plan), "rows_sha256": h.hexdigest(), "view": plan.view, "weights_sha256": w.hexdigest(), "splits": list(plan.split_names),
+    fp = {
+        "rows": len(plan), "rows_sha256": h.hexdigest(), "view": plan.view,
+        "weights_sha256": weights_digest(model.params), "splits": list(plan.split_names),
         "num_views": num_views, "precision": opts.precision, "per_scale": opts.per_scale,
         "save_activations": opts.save_activations, "class_dropout": opts.class_dropout,
         "attention": opts.attention,
         "seed": opts.seed, "model": json.loads(model.config.to_json()),
         "sites": recorded_sites(opts.sites),
     }
+    if opts.unit_scaling is not None:  # only then: runs without scaling keep their fingerprint
+        fp["unit_scaling"] = opts.unit_scaling.describe()
+    return fp
+
+
+def weights_digest(params) -> str:
+    """sha256 of every tensor's path and leading values: tells two checkpoints apart cheaply."""
+    w = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        w.update(jax.tree_util.keystr(path).encode())
+        w.update(np.asarray(leaf).reshape(-1)[:4096].astype(np.float32).tobytes())
+    return w.hexdigest()
 
 
 def recorded_sites(sites: tuple[str, ...]) -> dict[str, str]:
@@ -307,6 +316,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     """
     out = Path(out_dir)
     check_backend(opts)
+    check_scaling(model, opts)
     fp = _fingerprint(model, plan, num_views, opts)
     finished = _finished(out, fp)
     if finished is not None:

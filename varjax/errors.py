@@ -30,3 +30,12 @@ class AnalysisError(VarjaxError):
 
 class RunError(VarjaxError):
     """A study run that cannot start as asked: bad flag combination, wrong model (varjax.study)."""
+
+
+class GenerateError(VarjaxError):
+    """Settings the sampler cannot run with, or a gallery directory in the way (varjax.generate,
+    varjax.gallery)."""
+
+
+class ScalingError(VarjaxError):
+    """A unit scaling that names no unit of the model, or an unreadable unit list (varjax.scaling)."""

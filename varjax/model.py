@@ -1,9 +1,10 @@
-"""The public facade: a converted checkpoint as a model with four calls.
+"""The public facade: a converted checkpoint as a model with five calls.
 
     model = varjax.load("converted/d16")
     tokens = model.tokenize(images_uint8)              # K int32 arrays (B, pn*pn)
     logits, acts = model.teacher_forced(labels, tokens)  # (B, L, V), {'blocks.3.ffn.fc1': (B, 4C)}
     recon = model.decode(tokens)                       # (B, H, W, 3) float32 in [-1, 1]
+    tokens = model.generate(labels, cfg=1.5, top_k=900, top_p=0.96, seed=0)  # the sampler
 
 Each call is jit-compiled once per input shape, with varjax's XLA options (varjax/xla_options.py).
 Computation follows `jax.default_matmul_precision` at the call site ('highest' for parity, see
@@ -20,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax import generate as generate_lib
 from varjax.config import ModelConfig
+from varjax.scaling import UnitScaling, prepare
 from varjax.taps import COLLECTION, TapConfig, collect
 from varjax.var import VAR
 from varjax.vqvae import VQVAE
@@ -43,6 +46,7 @@ class Model:
         self.vqvae = VQVAE(self.config.vqvae) if self.config.vqvae is not None else None
         self.var = (VAR(self.config.var, self.taps, attention=self.attention)
                     if self.config.var is not None else None)
+        self._placed: tuple | None = None  # (params id, sharding, params on devices)
 
     def _jit(self, fn):
         return fn.xla_defaults if self.xla_defaults else fn
@@ -72,7 +76,8 @@ class Model:
         return self._jit(_decode)(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     # -- the transformer ------------------------------------------------------------------
-    def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None, reduction: str = "mean_abs"):
+    def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None, reduction: str = "mean_abs",
+                       unit_scaling: UnitScaling | None = None):
         """Teacher-forced forward, as in training.
 
         Args:
@@ -81,6 +86,7 @@ class Model:
           drop: optional bool (B,), class dropout made explicit (default: none dropped).
           reduction: which sown reduction to return (see varjax.taps; the model's TapConfig
             must ask for it).
+          unit_scaling: multiply chosen units by factors (varjax.scaling; None: the model as is).
         Returns:
           logits float32 (B, L, V); acts {site: float32 (B, units)}, the per-unit mean over
           tokens of |value| at every recorded site (`blocks.{i}.attn.proj`, `.ffn.fc1`, `.ffn.fc2`).
@@ -89,8 +95,41 @@ class Model:
         self._need("var")
         labels = jnp.asarray(labels, jnp.int32)
         x = self.var_input(tokens)
-        logits, taps = self._jit(_teacher_forced)(self.var, self.params["var"], labels, x, drop)
+        var, params = prepare(self.var, self.params["var"], unit_scaling)
+        logits, taps = self._jit(_teacher_forced)(var, params, labels, x, drop)
         return logits, collect(taps, reduction)
+
+    def generate(self, labels, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+                 seed: int = 0, prefix: Sequence[Any] | None = None, return_acts: bool = False, *,
+                 return_images: bool = False, unit_scaling: UnitScaling | None = None,
+                 sample_ids=None, precision: str | None = None):
+        """Sample token maps of the given classes (upstream autoregressive_infer_cfg; the
+        compiled sampler of varjax.generate, where every argument is described).
+
+        Args:
+          labels: int (B,) in [0, num_classes]; num_classes conditions on the null class.
+          cfg, top_k, top_p, more_smooth: upstream's sampling arguments and defaults.
+          seed: image i's randomness depends on (seed, sample_ids[i]) only (ids default 0..B-1).
+          prefix: k int arrays (B, pn_s^2): scales 0..k-1 forced to these tokens.
+          return_acts: also the per-unit mean |value| over the generated tokens (conditional
+            rows), named as `teacher_forced`'s acts.
+          return_images: also the decoded images (B, H, W, 3) in [-1, 1] (with more_smooth
+            the only way to get its smoothed image).
+        Returns:
+          tokens (K int32 arrays (B, pn^2)); or a tuple (tokens, [images], [acts]) with what
+          was asked for, in that order.
+        """
+        gen = generate_lib.generate(self, labels, generate_lib.Sampling(cfg, top_k, top_p, more_smooth), seed, prefix,
+                       sample_ids=sample_ids, return_acts=return_acts, return_images=return_images,
+                       unit_scaling=unit_scaling, precision=precision)
+        out = (gen.tokens,) + ((gen.images,) if return_images else ()) + ((gen.acts,) if return_acts else ())
+        return out[0] if len(out) == 1 else out
+
+    def placed_params(self, sharding) -> dict[str, Any]:
+        """`params` put on `sharding` (e.g. replicated over a mesh); kept until params change."""
+        if self._placed is None or self._placed[0] is not self.params or self._placed[1] != sharding:
+            self._placed = (self.params, sharding, jax.device_put(self.params, sharding))
+        return self._placed[2]
 
 
 # Module objects are hashable dataclasses, so they can be static jit arguments.

@@ -14,7 +14,6 @@ layer). Shape letters: B images per step, A views, U units, K scales, L tokens, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -29,14 +28,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from varjax import stats as stats_lib
 from varjax.errors import RecordError
 from varjax.model import Model
+from varjax.precision import BF16_MODES, PRECISIONS, matmul_scope
+from varjax.errors import ScalingError
+from varjax.scaling import UnitScaling, prepare
 from varjax.names import UnitLayout
 from varjax.names import canonical_sites
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
 from varjax.xla_options import compiler_options
-
-PRECISIONS = ("highest", "tf32", "bf16", "bf16_full")
-BF16_MODES = ("bf16", "bf16_full")
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -159,6 +158,9 @@ class Options:
     # The recording sites (varjax.names.SITES), kept in canonical order: the study's three by
     # default; `head_nm`, `head` and `resid` are the others the study names.
     sites: tuple[str, ...] = UNIT_SITES
+    # Multiply chosen units (varjax.scaling): "weights" edits their incoming weights in
+    # memory, "output" their values; None leaves the model as it is on disk.
+    unit_scaling: UnitScaling | None = None
 
     def __post_init__(self):
         for name in ("batch_size", "checkpoint_every"):
@@ -185,25 +187,22 @@ def unit_layout(model: Model, sites: tuple[str, ...] = UNIT_SITES) -> UnitLayout
     return UnitLayout.for_var(v.depth, v.embed_dim, v.mlp_dim, v.vocab_size, sites)
 
 
-@contextlib.contextmanager
-def _precision(mode: str, part: str):
-    # highest: float32 everywhere (parity); tf32: TF32 matmuls and convs; bf16: transformer in
-    # bfloat16 (its matmuls in bf16), tokenizer float32 with TF32 (upstream's training setup);
-    # bf16_full: as bf16, and the VQVAE encoder in bfloat16 too (`tokenizer`).
-    if mode == "highest":
-        p = "highest"
-    elif mode == "tf32" or part == "vqvae":
-        p = "tensorfloat32"
-    else:
-        p = "default"
-    with jax.default_matmul_precision(p):
-        yield
+_precision = matmul_scope  # the name bench.py and older callers use
 
 
 def check_backend(opts: Options) -> None:
     """Raises RecordError if `opts` cannot run on this machine's backend (Options checks the rest)."""
     if opts.attention == "cudnn" and jax.default_backend() != "gpu":
         raise RecordError(f"attention 'cudnn' needs an NVIDIA GPU; this backend is {jax.default_backend()!r}")
+
+
+def check_scaling(model: Model, opts: Options) -> None:
+    """Raises RecordError if opts.unit_scaling names a unit this model does not have."""
+    if opts.unit_scaling is not None:
+        try:
+            opts.unit_scaling.check(model.config.var)
+        except ScalingError as e:
+            raise RecordError(str(e)) from None
 
 
 def tokenizer(model: Model, precision: str):
@@ -214,6 +213,7 @@ def tokenizer(model: Model, precision: str):
 def make_step(model: Model, num_views: int, opts: Options):
     """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
     check_backend(opts)
+    check_scaling(model, opts)
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
@@ -235,7 +235,8 @@ def make_step(model: Model, num_views: int, opts: Options):
         if opts.class_dropout > 0:
             drop = _dropout_mask(opts.seed, ids, A, opts.class_dropout).reshape(B * A)
         with _precision(opts.precision, "var"):
-            logits, taps = var.apply({"params": params["var"]}, lab, x, drop, mutable=[COLLECTION])
+            var_s, p_var = prepare(var, params["var"], opts.unit_scaling)
+            logits, taps = var_s.apply({"params": p_var}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
         mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*A, U)
         mu = mu.reshape(B, A, -1).mean(axis=1)

@@ -66,6 +66,9 @@ class StudyConfig:
     variant: str = "mean"
     top_k: int = 10
     sites: tuple[str, ...] = UNIT_SITES
+    scale_units: str | None = None  # a file of unit ids to scale while recording (varjax.scaling)
+    scale_factor: float = 0.5
+    scale_mode: str = "weights"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -177,19 +180,24 @@ def _select(cfg: StudyConfig, model):
     return source, samples, splits
 
 
-def _record_options(cfg: StudyConfig, patch_nums: tuple[int, ...]):
+def _record_options(cfg: StudyConfig, model):
     import jax.numpy as jnp
 
     from varjax import attention as attention_lib
     from varjax.record import Options
+    from varjax.scaling import UnitScaling
 
     # the concrete kernel ("auto": cuDNN's for bf16 on a GPU, blocked on a CPU), so run.json
     # names what ran
     dtype = jnp.bfloat16 if cfg.precision in ("bf16", "bf16_full") else jnp.float32
-    attention = attention_lib.resolve(cfg.attention, dtype, patch_nums)
+    attention = attention_lib.resolve(cfg.attention, dtype, model.config.patch_nums)
+    scaling = None
+    if cfg.scale_units:
+        scaling = UnitScaling.from_file(cfg.scale_units, model.config.var, cfg.scale_factor, cfg.scale_mode,
+                                        tuple(cfg.sites))
     return Options(batch_size=cfg.batch_size, precision=cfg.precision, save_activations=cfg.save_activations,
                    per_scale=cfg.per_scale, class_dropout=cfg.class_dropout, seed=cfg.seed, attention=attention,
-                   sites=tuple(cfg.sites))
+                   sites=tuple(cfg.sites), unit_scaling=scaling)
 
 
 def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, info: dict) -> dict:
@@ -200,6 +208,7 @@ def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, i
         "seed": cfg.seed, "augs": cfg.augs, "mid_reso": cfg.mid_reso, "deterministic": cfg.deterministic,
         "class_dropout": cfg.class_dropout, "precision": cfg.precision, "attention": opts.attention,
         "batch_size": cfg.batch_size, "sites": list(opts.sites),
+        "unit_scaling": opts.unit_scaling.describe() if opts.unit_scaling else None,
         "n_images": len(samples), "skipped": info["skipped"], "record_compile_s": info["compile_s"],
         "record_images_per_s": info["images_per_s"], "patch_nums": list(model.config.patch_nums),
         **versions(),
@@ -242,7 +251,7 @@ def run(config: StudyConfig) -> tuple[Path, dict | None]:
     if main_process:
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         _log(f"[run] {model_name}: {len(samples)} images ({counts}) x {cfg.augs} views -> {out}")
-    opts = _record_options(cfg, model.config.patch_nums)
+    opts = _record_options(cfg, model)
     info = record(model, plan, out, cfg.augs, opts, image_shape=(res, res))
     if not main_process:
         return out, None

@@ -215,10 +215,34 @@ class VectorQuantizer(nn.Module):
 
     def _scale_map(self, idx_Bl: jnp.ndarray, pn: int, hw: int, last: bool, si: int, K: int):
         """Codebook vectors of one scale, bicubic-upsampled to the latent size, through Phi."""
-        h = self.embedding(idx_Bl).reshape(idx_Bl.shape[0], pn, pn, -1)
+        return self._lift(self.embedding(idx_Bl).reshape(idx_Bl.shape[0], pn, pn, -1), hw, last, si, K)
+
+    def _lift(self, h_BpnpnCv: jnp.ndarray, hw: int, last: bool, si: int, K: int):
         if not last:  # upstream skips the resize at the last scale (already at full size)
-            h = resize.bicubic(h, hw)
-        return self._phi(h, si, K)
+            h_BpnpnCv = resize.bicubic(h_BpnpnCv, hw)
+        return self._phi(h_BpnpnCv, si, K)
+
+    def codebook(self) -> jnp.ndarray:
+        """(V, Cv) the codebook vectors (the sampler's soft embedding with more_smooth)."""
+        return self.embedding.embedding
+
+    def add_scale(self, f_hat: jnp.ndarray, h_BlCv: jnp.ndarray, si: int, patch_nums: Sequence[int]):
+        """One sampler step of the f_hat accumulation (upstream get_next_autoregressive_input).
+
+        Args:
+          f_hat: float32 (B, h, w, Cv), the sum over scales < si (zeros before scale 0).
+          h_BlCv: (B, pn_si^2, Cv) scale si's codebook vectors (`embedding(idx)`), row-major.
+        Returns:
+          (f_hat + phi_si(bicubic_up(h)), next): next is f_hat area-downsampled to the next
+          scale, (B, pn_{si+1}^2, Cv), the next scale's input; None after the last scale.
+        """
+        K, pn, hw = len(patch_nums), patch_nums[si], patch_nums[-1]
+        h = h_BlCv.reshape(h_BlCv.shape[0], pn, pn, -1)
+        f_hat = f_hat + self._lift(h, hw, si == K - 1, si, K)
+        if si == K - 1:
+            return f_hat, None
+        nxt = patch_nums[si + 1]
+        return f_hat, resize.area(f_hat, nxt).reshape(f_hat.shape[0], nxt * nxt, -1)
 
     def f_to_idx(self, f_BhwCv: jnp.ndarray, patch_nums: Sequence[int]) -> list[jnp.ndarray]:
         """Latent f -> list of K int32 arrays (B, pn*pn), row-major (f_to_idxBl_or_fhat)."""
