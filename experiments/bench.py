@@ -42,16 +42,16 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from varjax import config as config_lib  # noqa: E402
-from varjax import generate as gen_lib  # noqa: E402
-from varjax import stats as stats_lib  # noqa: E402
-from varjax import unitmem  # noqa: E402
-from varjax.model import Model, init_params  # noqa: E402
-from varjax import attention as attention_lib  # noqa: E402
-from varjax.record import BF16_MODES, PRECISIONS, Options, compile_step, make_step, unit_layout  # noqa: E402
-from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect  # noqa: E402
-from varjax.var import ATTENTION, VAR  # noqa: E402
-from varjax.xla_options import jit  # noqa: E402
+from varjax import config as config_lib
+from varjax import generate as gen_lib
+from varjax import stats as stats_lib
+from varjax import unitmem
+from varjax.model import Model, init_params
+from varjax import attention as attention_lib
+from varjax.record import BF16_MODES, PRECISIONS, Options, compile_step, make_step, unit_layout
+from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect
+from varjax.var import ATTENTION, VAR
+from varjax.xla_options import jit
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
 # non-tensor-core float32 rate). docs/performance.md: ~790 bf16 on the H200 in practice.
@@ -494,26 +494,14 @@ def _upstream(path: str, model: Model, sampling: gen_lib.Sampling, batch: int):
     """A function that runs upstream's autoregressive_infer_cfg once on `model`'s weights."""
     import torch
 
-    sys.path.insert(0, str(Path(path).resolve()))
-    from models import VAR, VQVAE  # upstream's package
+    if __package__:
+        from experiments.bench_upstream import build_upstream, import_upstream
+    else:  # run as a script: experiments/ is on the path
+        from bench_upstream import build_upstream, import_upstream
 
-    cfg = model.config
-    v, q = cfg.var, cfg.vqvae
-    if (q.ch_mult, q.num_res_blocks) != ((1, 1, 2, 2, 4), 2):
-        raise ValueError("upstream's VQVAE has ch_mult (1, 1, 2, 2, 4) and 2 blocks per level; this config differs")
-    # Upstream's build_vae_var fixes width = 64 * depth; the constructors take any config.
     with contextlib.redirect_stdout(sys.stderr):  # upstream prints its config; stdout is for JSON lines
-        vae = VQVAE(vocab_size=q.vocab_size, z_channels=q.z_channels, ch=q.ch, share_quant_resi=q.share_quant_resi,
-                    quant_resi=q.quant_resi, v_patch_nums=cfg.patch_nums, test_mode=True)
-        var = VAR(vae_local=vae, num_classes=v.num_classes, depth=v.depth, embed_dim=v.embed_dim,
-                  num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, norm_eps=v.norm_eps, shared_aln=v.shared_aln,
-                  attn_l2_norm=v.attn_l2_norm, patch_nums=cfg.patch_nums, flash_if_available=False,
-                  fused_if_available=False)
-    for module, part in ((vae, "vqvae"), (var, "var")):
-        _load_into(module, model.params[part])
-    vae.eval()
-    var.eval()
-    labels = torch.tensor(_labels(batch, v.num_classes))
+        _, var = build_upstream(import_upstream(Path(path).resolve()), model.config, model.params)
+    labels = torch.tensor(_labels(batch, model.config.var.num_classes))
 
     def call():
         with torch.inference_mode():
@@ -521,28 +509,6 @@ def _upstream(path: str, model: Model, sampling: gen_lib.Sampling, batch: int):
                                          top_p=sampling.top_p, more_smooth=sampling.more_smooth)
 
     return call
-
-
-def _load_into(module, params) -> None:
-    """Our parameter tree -> a torch module's state_dict, by the converter's rule inverted."""
-    import torch
-
-    from convert.mapping import entry, is_ignored
-
-    state = {}
-    for key, tensor in module.state_dict().items():
-        if is_ignored(key):
-            continue
-        e = entry(key, tensor.ndim)
-        value = params
-        for part in e.path:
-            value = value[part]
-        value = np.asarray(value)
-        if e.axes:
-            value = np.transpose(value, np.argsort(e.axes))
-        state[key] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    assert not unexpected and all(is_ignored(k) for k in missing), (missing, unexpected)
 
 
 def _row(what: str, times: list[float], batch: int, extra: dict) -> dict:

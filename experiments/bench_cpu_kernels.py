@@ -161,7 +161,10 @@ def conv_form_rows(reps: int) -> list[dict]:
 def model_rows(call: str, reps: int, images: int) -> list[dict]:
     """A whole d16 call (tokenize, or the transformer with the study's 48 sites) under each
     XLA option set; varjax's attention kernel (auto) in all."""
-    from experiments.bench import _synthetic_images
+    if __package__:
+        from experiments.bench import _synthetic_images
+    else:  # run as a script: experiments/ is on the path
+        from bench import _synthetic_images
     from varjax import config as config_lib
     from varjax.model import Model, _teacher_forced, _tokenize, init_params
 

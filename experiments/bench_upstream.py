@@ -243,7 +243,10 @@ def main(argv=None) -> int:
         print(f"bench_upstream: error: {e}", file=sys.stderr)
         return 2
     acts = study_hooks(var, cfg.var.depth)
-    from experiments.bench import _synthetic_images
+    if __package__:
+        from experiments.bench import _synthetic_images
+    else:  # run as a script: experiments/ is on the path
+        from bench import _synthetic_images
 
     images = _synthetic_images(args.images, 1, cfg.resolution, seed=1)[:, 0]
     labels = ((np.arange(args.images) * 37) % cfg.var.num_classes).astype(np.int32)

@@ -101,7 +101,10 @@ def main(argv=None) -> int:
     if args.images < 1:
         print("profile_cpu: error: --images must be >= 1", file=sys.stderr)
         return 2
-    from experiments.bench import _synthetic_images
+    if __package__:
+        from experiments.bench import _synthetic_images
+    else:  # run as a script: experiments/ is on the path
+        from bench import _synthetic_images
 
     cfg = config_lib.PRESETS[args.config]()
     model = Model(cfg, init_params(cfg, seed=0), attention="einsum" if args.xla_defaults else "auto",

@@ -174,3 +174,22 @@ def test_generation_flops_split_as_expected():
     transformer = guided - plain
     assert 280 < transformer < 310  # teacher forcing: 310 with the full masked L x L attention
     assert abs(plain - transformer - decoder) < 1.0  # the rest is the decoder (f_hat updates are tiny)
+
+
+def test_parity_upstream_refuses_a_path_that_is_no_checkout(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "parity_upstream.py"), "--upstream",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "not a FoundationVision/VAR checkout" in res.stderr
+    assert res.stderr.count("\n") == 1 and not res.stdout
+
+
+def test_parity_upstream_cases_are_valid_models():
+    """Every case is a model varjax builds, and differs from the fixtures' shape."""
+    from experiments import parity_upstream
+    from varjax import config as config_lib
+    from varjax.model import param_shapes
+
+    for name, make in parity_upstream.CASES.items():
+        cfg = make()
+        assert cfg != config_lib.tiny() and cfg.var.vocab_size == cfg.vqvae.vocab_size, name
+        assert param_shapes(cfg)["var"], name

@@ -247,11 +247,11 @@ def run(config: StudyConfig) -> tuple[Path, dict | None]:
     plan = Plan.from_samples(source, samples, augment, seed=cfg.seed, on_error=cfg.on_error,
                              num_workers=cfg.workers, threads=cfg.threads)
     out = Path(cfg.out)  # created by `record`, once the settings are checked
+    opts = _record_options(cfg, model)  # reads --scale-units: a bad file is refused before any output
     main_process = jax.process_index() == 0
     if main_process:
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         _log(f"[run] {model_name}: {len(samples)} images ({counts}) x {cfg.augs} views -> {out}")
-    opts = _record_options(cfg, model)
     info = record(model, plan, out, cfg.augs, opts, image_shape=(res, res))
     if not main_process:
         return out, None
