@@ -358,7 +358,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad settings above leave nothing behind
     step = compile_step(model, num_views, opts, image_shape or (model.config.resolution,) * 2, resume.state,
-                        plan.center_view)
+                        center_view=plan.center_view)
     mia_cols = tuple(fp["membership"]["columns"]) if "membership" in fp else ()
     rows = _Rows(out, plan, layout.n_units, K, opts.save_activations, resume, step.batch_sharding, mia_cols,
                  model.config.var.seq_len)
