@@ -142,7 +142,8 @@ def test_record_pass_membership_scores_equal_numpy_and_leave_the_unit_statistics
     fp = json.loads((tmp_path / "mia" / "record.json").read_text())["fingerprint"]
     assert fp["membership"]["mode"] == "both" and "membership" not in json.loads(
         (tmp_path / "plain" / "record.json").read_text())["fingerprint"]
-    print(f"\nlargest relative difference from numpy: {np.max(np.abs(got - rows) / np.maximum(np.abs(rows), 1e-6)):.2g}")
+    rel = np.max(np.abs(got - rows) / np.maximum(np.abs(rows), 1e-6))
+    print(f"\nlargest relative difference from numpy: {rel:.2g}")
 
 
 def test_membership_without_a_center_view_is_refused_before_anything_is_written(tmp_path):

@@ -314,7 +314,8 @@ def _finish(out: Path, plan: Plan, rows: _Rows, layout: UnitLayout, host_state: 
         skipped = {r for r, _ in rows.skipped}
         cols = info["fingerprint"]["membership"]["columns"]
         write_csv(out / MEMBERSHIP_CSV, ["sample"] + cols,
-                  ([int(plan.ids[r])] + [f"{v:.7g}" for v in rows.mia[r]] for r in range(len(plan)) if r not in skipped))
+                  ([int(plan.ids[r])] + [f"{v:.7g}" for v in rows.mia[r]]
+                   for r in range(len(plan)) if r not in skipped))
     rows.flush()
     atomic_write_text(out / DONE, json.dumps(info, indent=1))
     (out / PROGRESS).unlink(missing_ok=True)

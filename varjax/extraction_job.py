@@ -170,7 +170,8 @@ def _sscd_embedder(path: str | None) -> Callable[[np.ndarray], np.ndarray] | Non
         if probe.ndim != 2:
             raise ValueError(f"it returns shape {tuple(probe.shape)}, not (batch, dim)")
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is that file's problem
-        _fail(f"--sscd {path}: not a usable SSCD TorchScript file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _fail(f"--sscd {path}: not a usable SSCD TorchScript file ({why})")
 
     def embed(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -357,7 +357,8 @@ def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape
-    example = (jax.ShapeDtypeStruct((G, total_views(num_views, center_view), H, W, 3), jnp.uint8, sharding=data),) + tuple(
+    views = total_views(num_views, center_view)
+    example = (jax.ShapeDtypeStruct((G, views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
         jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
     t0 = time.perf_counter()
     compiled = step.lower(params, dev_state, *example).compile()

@@ -91,12 +91,27 @@ def _read(run_dir) -> tuple[dict, dict[str, np.ndarray]] | None:
     return info, cols
 
 
+def _canaries(c: dict[str, np.ndarray], roles, nmu_row: np.ndarray) -> list[dict]:
+    """Per canary (most copies first): its NumMemUnits and, per prefix, SSIM, free share, extracted."""
+    out = []
+    for i in dict.fromkeys(c["sample"][[x.kind == "canary" for x in roles]].tolist()):
+        at = np.flatnonzero(c["sample"] == i)
+        by_prefix = {int(c["prefix_scales"][x]): {"ssim": float(c["ssim"][x]), "extracted": bool(c["extracted"][x]),
+                                                  "free_identical_share": float(c["free_identical_share"][x])}
+                     for x in at}
+        out.append({"sample": i, "source": str(c["source"][at[0]]), "dup": roles[at[0]].dup,
+                    "num_mem_units": float(nmu_row[at[0]]), "by_prefix": by_prefix})
+    return sorted(out, key=lambda d: (-d["dup"], d["sample"]))
+
+
 def analyze_extraction(data: RunData, nmu: np.ndarray) -> ExtractionAnalysis | None:
     """The extraction section's numbers; None without extraction.csv.
 
     Args:
       data: the run; nmu: (N,) NumMemUnits per sample in RunData order (`nmu_of`).
     """
+    from varjax.data.planted import parse_role
+
     got = _read(data.run_dir)
     if got is None:
         return None
@@ -104,11 +119,13 @@ def analyze_extraction(data: RunData, nmu: np.ndarray) -> ExtractionAnalysis | N
     pos = {int(i): p for p, i in enumerate(data.ids)}
     nmu_row = np.array([nmu[pos[i]] if i in pos else np.nan for i in c["sample"]])
     prefixes = tuple(sorted(set(c["prefix_scales"].tolist())))
-    by_split, by_nmu, by_role, canaries = {}, {}, {}, []
-    from varjax.data.planted import parse_role
-
     roles = [parse_role(s) for s in c["source"]]
     planted = all(r is not None for r in roles)
+    if planted:
+        role_of = np.array([f"canary dup{x.dup}" if x.kind == "canary" else x.kind for x in roles])
+        copies = {g: x.dup for g, x in zip(role_of, roles)}
+    edges = list(NMU_BINS) + [None]
+    by_split, by_nmu, by_role = {}, {}, {}
     for k in prefixes:
         at = c["prefix_scales"] == k
         r = lambda sel: _rate(at & sel, c["extracted"], c["ssim"], c["free_identical_share"])  # noqa: E731
@@ -116,26 +133,12 @@ def analyze_extraction(data: RunData, nmu: np.ndarray) -> ExtractionAnalysis | N
         for sp in dict.fromkeys(c["split"].tolist()):
             by_split[k][f"{sp}, candidates"] = r((c["split"] == sp) & (c["candidate"] == 1))
             by_split[k][f"{sp}, all continued"] = r(c["split"] == sp)
-        edges = list(NMU_BINS) + [None]
         by_nmu[k] = {_bin_label(lo, hi): r((nmu_row >= lo) & ((nmu_row < hi) if hi is not None else True))
                      for lo, hi in zip(edges[:-1], edges[1:])}
         if planted:
-            names = np.array([f"canary dup{x.dup}" if x.kind == "canary" else x.kind for x in roles])
-            by_role[k] = {g: r(names == g) for g in sorted(set(names), key=lambda g: -max(
-                x.dup for x, n in zip(roles, names) if n == g))}
-    if planted:
-        for i in dict.fromkeys(c["sample"][[x.kind == "canary" for x in roles]].tolist()):
-            sel = c["sample"] == i
-            j = np.flatnonzero(sel)
-            canaries.append({"sample": i, "source": str(c["source"][j[0]]), "dup": roles[j[0]].dup,
-                             "num_mem_units": float(nmu_row[j[0]]),
-                             "by_prefix": {int(c["prefix_scales"][x]): {"ssim": float(c["ssim"][x]),
-                                                                        "free_identical_share": float(c["free_identical_share"][x]),
-                                                                        "extracted": bool(c["extracted"][x])}
-                                           for x in j}})
-        canaries.sort(key=lambda d: (-d["dup"], d["sample"]))
+            by_role[k] = {g: r(role_of == g) for g in sorted(copies, key=lambda g: -copies[g])}
     return ExtractionAnalysis(info, prefixes, by_split, by_nmu, by_role if planted else None,
-                              canaries if planted else None)
+                              _canaries(c, roles, nmu_row) if planted else None)
 
 
 def summary(e: ExtractionAnalysis | None) -> dict:
@@ -157,7 +160,8 @@ def markdown(e: ExtractionAnalysis | None) -> list[str]:
     i = e.info
     lines = ["## Extraction", "",
              f"`python experiments/extract.py RUN_DIR`: each sample's first k scales of true tokens forced "
-             f"(k = {', '.join(map(str, e.prefixes))}), every later scale takes {i.get('continuation', 'the greedy choice')}, "
+             f"(k = {', '.join(map(str, e.prefixes))}), every later scale takes "
+             f"{i.get('continuation', 'the greedy choice')}, "
              f"decoded and compared with the decode of its own true tokens. View: {i.get('view', 'n/a')}. "
              f"Candidates: top {i.get('per_class')} per class and split by {i.get('rank')} "
              f"({i.get('n_candidates')} of {i.get('n_continued')} continued). Extracted: {i.get('extracted')}. "
