@@ -526,24 +526,28 @@ def generate_bench(model: Model, config_name: str, precisions, batches, reps: in
     for batch in batches:
         up_call = _upstream(upstream, model, sampling, batch) if upstream else None
         up_times: list[float] = []
+        up_cpu: list[float] = []  # this process's CPU seconds per call: on a shared machine,
+        # the work done whatever the waiting (both sides run one thread per core)
         if up_call:
             up_call()  # warm-up
         for precision in precisions:
             compile_s, call = _ours(model, sampling, precision, batch, attention)
             call()  # warm-up (first run allocates)
-            times = []
+            times, cpu = [], []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 call()
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 if up_call and precision == precisions[0]:  # interleaved with the first precision
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     up_call()
                     up_times.append(time.perf_counter() - t0)
+                    up_cpu.append(time.process_time() - c0)
             gflop = sampler_gflop(model, sampling, precision, batch) / batch
             row = _row("generation", times, batch, {
                 **common, "precision": precision, "attention": attention, "compile_s": round(compile_s, 2),
-                "gflop_per_image": round(gflop, 1),
+                "gflop_per_image": round(gflop, 1), "cpu_s": [round(t, 3) for t in cpu],
                 "tflop_per_s": round(gflop * batch / statistics.median(times) / 1e3, 3),
                 "device": dev.device_kind, "devices": len(jax.devices()), **versions})
             print(json.dumps(row), flush=True)
@@ -551,7 +555,8 @@ def generate_bench(model: Model, config_name: str, precisions, batches, reps: in
             import torch
 
             print(json.dumps(_row("generation_upstream", up_times, batch, {
-                **common, "precision": "float32", "interleaved_with": precisions[0], "torch": torch.__version__,
+                **common, "precision": "float32", "interleaved_with": precisions[0], "cpu_s": [round(t, 3) for t in up_cpu],
+                "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads()})), flush=True)
     return 0
 
