@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--draws", type=int, default=5, help="control draws of random units (same count per site, block)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the control draws and the permutation tests")
     ap.add_argument("--prefix-scales", type=_ints, help="extraction: true scales forced, comma-separated "
-                    "(default: 4 on a 10-scale model, as published; 1..K-1 with at most 4 scales)")
+                    "(default: 4 of 10 scales, as published; K - 2 with fewer than 6 scales, 2 on the planted model)")
     ap.add_argument("--batch-size", type=int, help="images per recording step (default: the run's)")
     ap.add_argument("--permutations", type=int, default=10_000, help="permutations per test (0: none)")
     ap.add_argument("--checkpoint", help="the run's model, if run.json's path moved (must be the same weights)")

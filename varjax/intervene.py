@@ -80,9 +80,12 @@ class InterveneConfig:
 
 
 def default_prefixes(patch_nums) -> tuple[int, ...]:
-    """The published k = 4 forced scales at 256 px (10 scales); 1..K-1 on a model with <= 4 scales."""
+    """One k: the published 4 forced scales (of 10 at 256 px), or K - 2 on a model with fewer
+    than 6 scales (2 of the planted model's 4: the shortest prefix from which its 64-copy
+    canaries are regenerated; from 1 none is). One k keeps the conditions cheap: the attack
+    decodes every sample per k and condition."""
     K = len(patch_nums)
-    return (4,) if K > 4 else tuple(range(1, K))
+    return (min(4, max(K - 2, 0)),)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
