@@ -16,6 +16,7 @@ setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) experiments/run.py
+	$(PY) experiments/intervene.py runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

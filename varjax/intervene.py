@@ -5,7 +5,7 @@ samples from its own files (run.json, record.json: checked, so a different check
 is refused), chooses units from the run's UnitMem (`varjax.intervention`), and measures each
 condition: the baseline (no scaling), the chosen units, and `draws` random controls with the
 same count per (site, block), all scaled by one factor. Per condition:
-  - the recording pass (`varjax.driver.record` with `Options(unit_scaling=...)`, the run's
+  - the recording pass (the baseline: the run's own files) (`varjax.driver.record` with `Options(unit_scaling=...)`, the run's
     views, crops, precision and sites) gives per-sample teacher-forced loss and token accuracy
     on every split, and UnitMem on D' after scaling;
   - the extraction attack (`varjax.extraction.extract`: the true tokens of the first k scales
@@ -251,21 +251,33 @@ def _scaling(inputs: RunInputs, cond: Condition, cfg: InterveneConfig):
     return UnitScaling(cfg.mode, iv.scaling_units(inputs.data.layout, cond.units, cfg.factor))
 
 
-def _record(inputs: RunInputs, cond: Condition, scaling, out: Path) -> dict[str, np.ndarray]:
-    """The recording pass of one condition: per-sample loss and accuracy (data's row order) and
-    UnitMem on D' of every unit."""
+def _per_sample(run: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, acc) per sample of `ids` from a run directory's per_sample.csv (NaN if absent)."""
     import csv
 
+    if not (run / "per_sample.csv").is_file():
+        raise InterventionError(f"{run} lacks per_sample.csv (the recording pass writes it)")
+    with open(run / "per_sample.csv", newline="") as f:
+        rows = {int(r["sample"]): (float(r["loss"]), float(r["acc"])) for r in csv.DictReader(f)}
+    vals = np.array([rows.get(int(i), (np.nan, np.nan)) for i in ids], np.float64)
+    return vals[:, 0], vals[:, 1]
+
+
+def _record(inputs: RunInputs, cond: Condition, scaling, out: Path) -> dict[str, np.ndarray]:
+    """The recording pass of one condition: per-sample loss and accuracy (data's row order) and
+    UnitMem on D' of every unit. The baseline is the run itself: its own files hold exactly
+    what an unscaled pass computes (tests/test_intervention.py: factor 1 changes nothing)."""
     from varjax import unitmem
     from varjax.driver import record
 
+    if scaling is None:
+        loss, acc = _per_sample(inputs.data.run_dir, inputs.data.ids)
+        return {"loss": loss, "acc": acc, "um": inputs.um}
     record(inputs.model, inputs.plan, out, inputs.views, dataclasses.replace(inputs.opts, unit_scaling=scaling))
-    with open(out / "per_sample.csv", newline="") as f:
-        rows = {int(r["sample"]): (float(r["loss"]), float(r["acc"])) for r in csv.DictReader(f)}
-    vals = np.array([rows.get(int(i), (np.nan, np.nan)) for i in inputs.data.ids], np.float64)
+    loss, acc = _per_sample(out, inputs.data.ids)
     with np.load(out / f"stats_{inputs.data.primary}.npz") as z:
         st = unitmem.UnitStats(z["max"], z["argmax"].astype(np.int64), z["sum"].astype(np.float64), int(z["count"]))
-    return {"loss": vals[:, 0], "acc": vals[:, 1], "um": unitmem.unitmem_mean(st)}
+    return {"loss": loss, "acc": acc, "um": unitmem.unitmem_mean(st)}
 
 
 def _extract(inputs: RunInputs, scaling, ks, batch: int) -> dict[str, np.ndarray]:

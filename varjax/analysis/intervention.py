@@ -84,6 +84,14 @@ def groups(data: RunData, um: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]
     return names, mem, False
 
 
+def _role_order(group: np.ndarray) -> list[str]:
+    """Canaries by copies (most first), then the rest in a fixed order, then any other name."""
+    names = set(group.tolist())
+    canaries = sorted((g for g in names if g.startswith("canary dup")), key=lambda g: -int(g[len("canary dup"):]))
+    rest = [g for g in ("single", "heldout", "memorized", "other", "val") if g in names]
+    return canaries + rest + sorted(names - set(canaries) - set(rest))
+
+
 def extracted(arrays: dict[str, np.ndarray], k: int) -> np.ndarray:
     """(N,) float: 1 where the continuation from k true scales regenerates every token."""
     return (arrays[f"identical_share_k{k}"] >= 1.0).astype(np.float64)
@@ -117,7 +125,7 @@ def _condition_summary(name, kind, arrays, base, layout, chosen, group, main, ks
     if kind == "control":
         out["shared_with_chosen"] = int(np.isin(units, chosen).sum())
     out["groups"] = {g: _means(arrays, base, main == g, ks) for g in MAIN_GROUPS if (main == g).any()}
-    out["roles"] = {g: _means(arrays, base, group == g, ks) for g in sorted(set(group.tolist()))}
+    out["roles"] = {g: _means(arrays, base, group == g, ks) for g in _role_order(group)}
     return out
 
 
@@ -173,11 +181,8 @@ def summarize(data: RunData, conds, res_arrays: dict[str, dict[str, np.ndarray]]
                           "unitmem": float(base["um"][u])} for u in chosen],
         "conditions": {c.name: _condition_summary(c.name, c.kind, res_arrays[c.name], base, data.layout, chosen,
                                                   group, main, ks) for c in conds if c.kind != "baseline"},
-        "baseline_check": None,
         "tests": _tests(res_arrays, kinds, main, ks, cfg.n_permutations, cfg.seed),
     }
-    if data.loss is not None:  # the re-recorded baseline against the run's own per_sample.csv
-        summary["baseline_check"] = {"max_abs_loss_diff_vs_run": float(np.nanmax(np.abs(base["loss"] - data.loss)))}
     return InterventionResult(data.ids, data.split, data.label, list(data.source), group, main, mem, res_arrays,
                               kinds, tuple(ks), summary)
 

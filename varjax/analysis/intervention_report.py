@@ -138,15 +138,11 @@ def section(r: InterventionResult) -> str:
              f"(mean variant), ranked {scope}: {conds['chosen']['n_units']} units, {how} by {st['factor']:g}. "
              f"Control: {st['draws']} draws of random units with the same count per site and block (seed "
              f"{st['seed']}; a draw may share units with the chosen set). Each condition re-runs the recording "
-             "pass with the same views (per-sample teacher-forced loss and token accuracy, UnitMem on D') and "
+             "pass with the run's views (the baseline: the run's own files; per-sample teacher-forced loss and token accuracy, UnitMem on D') and "
              "the extraction attack (the true tokens of the first k scales of upstream's validation view "
              "forced, greedy continuation; extracted = every token regenerated). Memorized: "
              f"{r.summary['definitions']['memorized']}. Δ = after - before, per sample, then averaged.", "",
              _paragraph(r, k), "", *_condition_table(r, k), "", *_role_table(r), "", *_test_lines(r, k)]
-    chk = r.summary.get("baseline_check")
-    if chk:
-        lines += ["", f"Baseline re-recorded against the run's own per_sample.csv: largest |loss difference| "
-                  f"{_f(chk['max_abs_loss_diff_vs_run'], 3)}."]
     lines += ["", f"![intervention]({FIGURE})", "",
               "Files: `intervention.json` (settings, units, every number above), `intervention.csv` (per sample "
               "and condition), `intervention/` (each condition's recording and arrays).", ""]
