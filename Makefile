@@ -16,7 +16,8 @@ setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) experiments/run.py
-	$(PY) experiments/intervene.py runs/demo
+	$(PY) experiments/extract.py runs/demo --all
+	$(PY) experiments/intervene.py runs/demo --draws 3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -68,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scale-factor", type=float, default=0.5, help="factor for --scale-units")
     ap.add_argument("--scale-mode", choices=("weights", "output"), default="weights",
                     help="weights: the units' incoming weights (biases kept); output: their values")
+    ap.add_argument("--membership", choices=("none", "conditional", "both"),
+                    help="per-sample membership scores and the extraction candidates' statistic on upstream's "
+                         "validation view (appended to the random crops): from the conditional logits, or both "
+                         "those and conditional minus unconditional logits (one more transformer forward of that "
+                         "view); presets: both")
     ap.add_argument("--reanalyze", metavar="RUN_DIR", help="recompute the analysis from RUN_DIR's files only")
     ap.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
     ap.add_argument("--num-processes", type=int, help="multi-host: number of processes")

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from varjax import membership
 from varjax import stats as stats_lib
 from varjax.model import Model
 from varjax.names import UnitLayout
@@ -53,6 +54,8 @@ from varjax.taps import SITE_DEFINITIONS
 
 PROGRESS = "progress.npz"
 DONE = "record.json"
+MEMBERSHIP_CSV = "membership.csv"  # per-sample membership scores (varjax.membership.columns)
+VIEW_TOKENS = "view_tokens.npy"  # int32 (N, L): each sample's tokens of the center view
 
 
 def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dict[str, Any]:
@@ -71,6 +74,9 @@ def _fingerprint(model: Model, plan: Plan, num_views: int, opts: Options) -> dic
     }
     if opts.unit_scaling is not None:  # only then: runs without scaling keep their fingerprint
         fp["unit_scaling"] = opts.unit_scaling.describe()
+    if opts.membership != "none":  # likewise
+        fp["membership"] = {"mode": opts.membership, "center_view": plan.center_view,
+                            "columns": list(membership.columns(opts.membership == "both"))}
     return fp
 
 
@@ -184,17 +190,20 @@ class _Rows:
     """
 
     def __init__(self, out: Path, plan: Plan, n_units: int, n_scales: int, save_activations: bool,
-                 resume: _Resume, batch_sharding):
+                 resume: _Resume, batch_sharding, mia_columns: tuple[str, ...] = (), seq_len: int = 0):
         self.main = jax.process_index() == 0
         self.row_of = {int(i): r for r, i in enumerate(plan.ids)}
         self.skipped = list(resume.skipped)
         self.sharding = batch_sharding
-        self.acts = self.per_sample = None
+        self.acts = self.per_sample = self.mia = self.tokens = None
         if self.main:
             N = len(plan)
             self.acts = (_open_rows(out / "activations.npy", (N, n_units), resume.position)
                          if save_activations else None)
             self.per_sample = _open_rows(out / ".per_sample.npy", (N, 2 + 2 * n_scales), resume.position)
+            if mia_columns:
+                self.mia = _open_rows(out / ".membership.npy", (N, len(mia_columns)), resume.position)
+                self.tokens = _open_rows(out / VIEW_TOKENS, (N, seq_len), resume.position, np.int32)
 
     def _gather(self, x) -> np.ndarray:
         if jax.process_count() == 1:
@@ -221,9 +230,15 @@ class _Rows:
                                              got["loss_s"][valid], got["acc_s"][valid]], axis=1)
         if self.acts is not None:
             self.acts[r] = got["mu"][valid]
+        if self.mia is not None:
+            fams = [got[f][valid] for f in ("cond", "diff") if f in got]
+            toks = got["tokens"][valid]
+            self.tokens[r] = toks
+            self.mia[r] = [membership.host_row(a, t, [f[j] for f in fams])
+                           for j, (a, t) in enumerate(zip(got["acc_last"][valid], toks))]
 
     def flush(self) -> None:
-        for mm in (self.acts, self.per_sample):
+        for mm in (self.acts, self.per_sample, self.mia, self.tokens):
             if mm is not None:
                 mm.flush()
 
@@ -293,11 +308,16 @@ def _finish(out: Path, plan: Plan, rows: _Rows, layout: UnitLayout, host_state: 
     write_csv(out / "skipped.csv", SKIPPED_COLUMNS,
               [(int(plan.ids[r]), plan.sources[r] if plan.sources else f"row {r}", why)
                for r, why in sorted(rows.skipped)])
-    if rows.acts is not None:
-        rows.acts.flush()
+    if rows.mia is not None:
+        skipped = {r for r, _ in rows.skipped}
+        cols = info["fingerprint"]["membership"]["columns"]
+        write_csv(out / MEMBERSHIP_CSV, ["sample"] + cols,
+                  ([int(plan.ids[r])] + [f"{v:.7g}" for v in rows.mia[r]] for r in range(len(plan)) if r not in skipped))
+    rows.flush()
     atomic_write_text(out / DONE, json.dumps(info, indent=1))
     (out / PROGRESS).unlink(missing_ok=True)
     (out / ".per_sample.npy").unlink(missing_ok=True)
+    (out / ".membership.npy").unlink(missing_ok=True)
 
 
 def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: Options = Options(),
@@ -326,14 +346,20 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     if G % len(devices) or G % jax.process_count():
         raise RecordError(f"--batch-size {G} must be a multiple of the {len(devices)} devices "
                           f"and the {jax.process_count()} processes")
+    if opts.membership != "none" and plan.center_view is None:
+        raise RecordError("membership scores need upstream's validation view (a center crop): record with "
+                          "--deterministic or with the center view appended (AugmentConfig.center_view)")
     layout = unit_layout(model, opts.sites)
     K, S = len(model.config.patch_nums), len(plan.split_names)
     resume_key = {**fp, "processes": jax.process_count()}
     resume = _resume(out, resume_key, stats_lib.init_state(S, layout.n_units, K if opts.per_scale else 0))
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad settings above leave nothing behind
-    step = compile_step(model, num_views, opts, image_shape or (model.config.resolution,) * 2, resume.state)
-    rows = _Rows(out, plan, layout.n_units, K, opts.save_activations, resume, step.batch_sharding)
+    step = compile_step(model, num_views, opts, image_shape or (model.config.resolution,) * 2, resume.state,
+                        plan.center_view)
+    mia_cols = tuple(fp["membership"]["columns"]) if "membership" in fp else ()
+    rows = _Rows(out, plan, layout.n_units, K, opts.save_activations, resume, step.batch_sharding, mia_cols,
+                 model.config.var.seq_len)
     dev_state, progress = _steps(plan, step, rows, opts, resume.position, num_views, out, resume_key)
     info = {
         "fingerprint": fp, "images": len(plan), "num_views": num_views, "precision": opts.precision,
@@ -346,14 +372,14 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     return info
 
 
-def _open_rows(path: Path, shape: tuple[int, int], position: int) -> np.ndarray:
-    """A float32 row file, created for a new run or reopened (rows < position kept)."""
+def _open_rows(path: Path, shape: tuple[int, int], position: int, dtype=np.float32) -> np.ndarray:
+    """A row file (float32 unless asked), created for a new run or reopened (rows < position kept)."""
     if position > 0 and path.exists():
         mm = np.load(path, mmap_mode="r+")
         if mm.shape == shape:
             return mm
         raise RecordError(f"{path} has shape {mm.shape}, expected {shape}; choose another --out")
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
 
 def _write_per_sample(out: Path, plan: Plan, rows: np.ndarray, K: int, skipped: set[int]) -> None:

@@ -21,7 +21,6 @@ Shape letters (varjax.names): N samples, U units, K scales, L tokens.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -127,7 +126,9 @@ def _json(path: Path) -> dict:
 
 
 def _rebuild_plan(run_info: dict, record_info: dict):
-    """The run's source, samples and Plan, from run.json and record.json's view."""
+    """The run's source, samples, its Plan as recorded (to check against record.json) and the
+    Plan of the conditions: the same views without an appended center view (that view feeds
+    only the membership scores, never the unit statistics, loss or accuracy)."""
     from varjax import data
     from varjax.record import Plan
 
@@ -137,11 +138,14 @@ def _rebuild_plan(run_info: dict, record_info: dict):
         samples = data.select(source, n_classes=run_info.get("classes"), per_class=run_info.get("per_class"),
                               seed=run_info.get("seed", 0), splits=run_info.get("splits"))
         augment = data.AugmentConfig(resolution=view["resolution"], mid_reso=view["mid_reso"],
-                                     views=view["views"], deterministic=view["deterministic"])
-    except (KeyError, TypeError) as e:
+                                     views=view["views"], deterministic=view["deterministic"],
+                                     center_view=view.get("center_view", False))
+    except (KeyError, TypeError, ValueError) as e:
         raise InterventionError(f"run.json/record.json lack the data settings ({e})") from None
-    plan = Plan.from_samples(source, samples, augment, seed=view.get("crop_seed", 0))
-    return source, samples, plan, augment
+    seed = view.get("crop_seed", 0)
+    recorded = Plan.from_samples(source, samples, augment, seed=seed)
+    plan = Plan.from_samples(source, samples, dataclasses.replace(augment, center_view=False), seed=seed)
+    return source, samples, recorded, plan, augment
 
 
 def _check_fingerprint(model, plan, views: int, opts, record_info: dict, checkpoint: str) -> None:
@@ -160,10 +164,19 @@ def _check_fingerprint(model, plan, views: int, opts, record_info: dict, checkpo
 
 
 def _view_tokens(model, source, samples, augment, data, batch: int = 64) -> np.ndarray:
-    """(N, L) tokens of upstream's validation view (resize, center crop) of data's samples."""
+    """(N, L) tokens of upstream's validation view (resize, center crop) of data's samples:
+    the run's view_tokens.npy when it has one (the recording pass's), else tokenized here."""
     from varjax.data import AugmentConfig
     from varjax.data.augment import augment as make_views
+    from varjax.driver import VIEW_TOKENS
 
+    L = sum(p * p for p in model.config.patch_nums)
+    if (data.run_dir / VIEW_TOKENS).is_file():
+        tokens = np.load(data.run_dir / VIEW_TOKENS)
+        if tokens.ndim != 2 or tokens.shape[1] != L or len(tokens) <= data.acts_rows.max(initial=-1):
+            raise InterventionError(f"{VIEW_TOKENS} has shape {tokens.shape}; expected one row of {L} tokens "
+                                    "per samples.csv row")
+        return np.asarray(tokens[data.acts_rows], np.int32)
     val = AugmentConfig(resolution=augment.resolution, mid_reso=augment.mid_reso, deterministic=True)
     by_id = {s.sample: s for s in samples}
     read = source.reader()
@@ -198,14 +211,14 @@ def load_inputs(run_dir: Path, cfg: InterveneConfig, log: Callable[[str], None])
     fp = record_info.get("fingerprint", {})
     if fp.get("unit_scaling"):
         raise InterventionError(f"{run_dir} was itself recorded with scaled units; intervene on an unscaled run")
-    source, samples, plan, augment = _rebuild_plan(run_info, record_info)
+    source, samples, recorded, plan, augment = _rebuild_plan(run_info, record_info)
     run_opts = Options(batch_size=cfg.batch_size or record_info.get("batch_size", 8), precision=fp["precision"],
                        save_activations=fp["save_activations"], per_scale=fp["per_scale"],
                        class_dropout=fp["class_dropout"], seed=fp["seed"], attention=fp["attention"],
                        sites=tuple(fp["sites"]))
-    _check_fingerprint(model, plan, fp["num_views"], run_opts, record_info, checkpoint)
+    _check_fingerprint(model, recorded, fp["num_views"], run_opts, record_info, checkpoint)
     iv.candidates(data.layout, cfg.sites)  # refuses sites the run did not record
-    log(f"tokenizing upstream's validation view of {len(data.ids)} samples for extraction")
+    log(f"true tokens of upstream's validation view of {len(data.ids)} samples, for extraction")
     tokens = _view_tokens(model, source, samples, augment, data)
     opts = dataclasses.replace(run_opts, save_activations=False, per_scale=False)
     um = unitmem.unitmem_mean(data.stats[data.primary])
@@ -222,15 +235,12 @@ def conditions(inputs: RunInputs, cfg: InterveneConfig) -> list[Condition]:
     return out
 
 
-def settings_key(cfg: InterveneConfig, inputs: RunInputs, conds: list[Condition]) -> dict:
-    """What a condition's results depend on: a rerun with another key is refused."""
-    units = hashlib.sha256()
-    for c in conds:
-        units.update(c.name.encode() + np.asarray(c.units, np.int64).tobytes())
+def settings_key(cfg: InterveneConfig, inputs: RunInputs) -> dict:
+    """What a condition's results depend on: a rerun with another key is refused. The number of
+    draws is not in it (draw d does not depend on it): more draws add conditions, fewer reuse."""
     return {"sites": list(cfg.sites), "percent": cfg.percent, "scope": cfg.scope, "factor": cfg.factor,
-            "mode": cfg.mode, "draws": cfg.draws, "seed": cfg.seed, "prefix_scales": list(_prefixes(cfg, inputs)),
-            "weights_sha256": inputs.data.record_info["fingerprint"]["weights_sha256"],
-            "units_sha256": units.hexdigest()}
+            "mode": cfg.mode, "seed": cfg.seed, "prefix_scales": list(_prefixes(cfg, inputs)),
+            "weights_sha256": inputs.data.record_info["fingerprint"]["weights_sha256"]}
 
 
 def _prefixes(cfg: InterveneConfig, inputs: RunInputs) -> tuple[int, ...]:
@@ -305,7 +315,7 @@ def _prepare_dir(work: Path, key: dict, restart: bool) -> None:
         except json.JSONDecodeError:
             old = None
         if old != key:
-            changed = sorted(k for k in key if old is None or old.get(k) != key[k])
+            changed = sorted(k for k in set(key) | set(old or {}) if old is None or old.get(k) != key.get(k))
             raise InterventionError(f"{work} holds conditions measured with other settings "
                                     f"({', '.join(changed)}); rerun with --restart to discard them")
         return
@@ -326,7 +336,7 @@ def measure_all(run_dir: Path, inputs: RunInputs, cfg: InterveneConfig, conds: l
                 log: Callable[[str], None]) -> dict[str, dict[str, np.ndarray]]:
     """Every condition's arrays, measured or read back from `<run_dir>/intervention/`."""
     work = run_dir / WORK_DIR
-    key = settings_key(cfg, inputs, conds)
+    key = settings_key(cfg, inputs)
     _prepare_dir(work, key, cfg.restart)
     ks = _prefixes(cfg, inputs)
     results, todo = {}, [c for c in conds if not (work / f"{c.name}.npz").exists()]

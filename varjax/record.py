@@ -35,6 +35,8 @@ from varjax.names import UnitLayout
 from varjax.names import canonical_sites
 from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_matrix
 from varjax.var import ATTENTION, VAR
+from varjax import membership as mia
+from varjax.membership import MODES as MEMBERSHIP_MODES
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -62,18 +64,25 @@ class Plan:
     # How the views are made (resize, crop, views, deterministic), for the run's fingerprint:
     # a resumed run must see the same pixels. None: the caller's `load` alone decides.
     view: dict | None = None
+    # Which loaded view is upstream's validation view (resize, center crop), the one the
+    # membership scores use: 0 in deterministic mode, A when appended after the A random
+    # views (then only views < A enter the unit statistics); None: there is none.
+    center_view: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @classmethod
     def from_views(cls, ids, labels, splits, split_names, load: Callable[[int], np.ndarray],
-                   view_shape: tuple[int, int, int, int], threads: int = 4, on_error: str = "skip") -> "Plan":
-        """`load(row)` gives uint8 `view_shape` (A, H, W, 3) views of row's image, or raises
-        (then the row is skipped, or with on_error='stop' the run stops)."""
+                   view_shape: tuple[int, int, int, int], threads: int = 4, on_error: str = "skip",
+                   center_view: int | None = None) -> "Plan":
+        """`load(row)` gives uint8 `view_shape` (A', H, W, 3) views of row's image, or raises
+        (then the row is skipped, or with on_error='stop' the run stops); A' = A, or A + 1
+        when `center_view` = A names an appended center view."""
         ids, labels, splits = (np.asarray(a) for a in (ids, labels, splits))
         return cls(ids, labels, splits, tuple(split_names),
-                   functools.partial(_row_batches, ids, labels, load, tuple(view_shape), threads, on_error))
+                   functools.partial(_row_batches, ids, labels, load, tuple(view_shape), threads, on_error),
+                   center_view=center_view)
 
     @classmethod
     def from_samples(cls, source, samples, augment_config, seed: int, on_error: str = "skip",
@@ -94,11 +103,13 @@ class Plan:
                 seen = len(loader.skipped)
                 yield batch
 
+        view = {**dataclasses.asdict(augment_config), "num_views": augment_config.num_views,
+                "resize_to": augment_config.resize_to, "crop_seed": seed}
+        if not augment_config.center_view:
+            del view["center_view"]  # runs without it keep the fingerprint they had
         return cls(np.array([s.sample for s in samples]), np.array([s.label for s in samples]),
                    np.array([names.index(s.split) for s in samples]), names, open_batches,
-                   tuple(s.source for s in samples),
-                   {**dataclasses.asdict(augment_config), "num_views": augment_config.num_views,
-                    "resize_to": augment_config.resize_to, "crop_seed": seed})
+                   tuple(s.source for s in samples), view, augment_config.center_index)
 
 
 def _row_batches(ids, labels, load, view_shape, threads, on_error, start, batch_size, shard_index,
@@ -158,6 +169,11 @@ class Options:
     # Multiply chosen units (varjax.scaling): "weights" edits their incoming weights in
     # memory, "output" their values; None leaves the model as it is on disk.
     unit_scaling: UnitScaling | None = None
+    # Membership scores and the extraction candidates' statistic per sample, on the plan's
+    # center view (varjax.membership): "none", "conditional" (the conditional logits, no
+    # extra forward) or "both" (also conditional minus null-class logits: one more forward
+    # of the transformer on the center view).
+    membership: str = "none"
 
     def __post_init__(self):
         for name in ("batch_size", "checkpoint_every"):
@@ -173,6 +189,8 @@ class Options:
             raise RecordError(str(e)) from None
         if not self.sites:
             raise RecordError("record at least one site")
+        if self.membership not in MEMBERSHIP_MODES:
+            raise RecordError(f"membership {self.membership!r}: expected one of {', '.join(MEMBERSHIP_MODES)}")
         if self.attention == "cudnn" and self.precision not in BF16_MODES:
             raise RecordError(f"attention 'cudnn' runs only with a bf16 precision (cuDNN's fused kernel "
                               f"takes bf16/fp16), not {self.precision!r}")
@@ -207,10 +225,23 @@ def tokenizer(model: Model, precision: str):
     return model.vqvae.clone(encoder_dtype=jnp.bfloat16) if precision == "bf16_full" else model.vqvae
 
 
-def make_step(model: Model, num_views: int, opts: Options):
-    """The per-step function (un-jitted): views -> per-sample outputs and new statistics."""
+def total_views(num_views: int, center_view: int | None) -> int:
+    """Views per image in a batch: A, plus one when the center view is appended after them."""
+    return num_views + (1 if center_view == num_views else 0)
+
+
+def make_step(model: Model, num_views: int, opts: Options, center_view: int | None = None):
+    """The per-step function (un-jitted): views -> per-sample outputs and new statistics.
+
+    The batch holds `total_views(num_views, center_view)` views per image; the unit
+    statistics, loss and accuracy average views < num_views; the membership outputs (when
+    opts.membership asks) come from view `center_view`.
+    """
     check_backend(opts)
     check_scaling(model, opts)
+    if opts.membership != "none" and center_view is None:
+        raise RecordError("membership scores need upstream's validation view (a center crop): record with "
+                          "--deterministic or with the center view appended (AugmentConfig.center_view)")
     cfg = model.config
     pn = cfg.patch_nums
     K = len(pn)
@@ -221,44 +252,73 @@ def make_step(model: Model, num_views: int, opts: Options):
     vqvae = tokenizer(model, opts.precision)
     scale_mat = jnp.asarray(scale_means_matrix(pn))  # (K, L)
 
+    A = num_views
+
     def step(params, state, images, labels, ids, splits, valid):
-        B, A = images.shape[:2]
-        flat = images.reshape((B * A,) + images.shape[2:])
+        B, Vw = images.shape[:2]  # Vw = A, or A + 1 with the appended center view
+        flat = images.reshape((B * Vw,) + images.shape[2:])
         with _precision(opts.precision, "vqvae"):
             tokens = vqvae.apply({"params": params["vqvae"]}, flat, pn, method=type(vqvae).tokenize)
             x = vqvae.apply({"params": params["vqvae"]}, tokens, pn, method=type(vqvae).var_input)
-        lab = jnp.repeat(labels, A)
+        lab = jnp.repeat(labels, Vw)
         drop = None
         if opts.class_dropout > 0:
-            drop = _dropout_mask(opts.seed, ids, A, opts.class_dropout).reshape(B * A)
+            drop = _dropout_mask(opts.seed, ids, Vw, opts.class_dropout)
+            if center_view == A:  # the appended center view keeps its label (membership scores)
+                drop = drop.at[:, A].set(False)
+            drop = drop.reshape(B * Vw)
         with _precision(opts.precision, "var"):
             var_s, p_var = prepare(var, params["var"], opts.unit_scaling)
             logits, taps = var_s.apply({"params": p_var}, lab, x, drop, mutable=[COLLECTION])
         acts = collect(taps[COLLECTION])
-        mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*A, U)
-        mu = mu.reshape(B, A, -1).mean(axis=1)
+        mu = jnp.concatenate([acts[name] for name in names], axis=-1)  # (B*Vw, U)
+        mu = mu.reshape(B, Vw, -1)[:, :A].mean(axis=1)
         scale_mu = None
         if opts.per_scale:
             s_acts = collect(taps[COLLECTION], "scale_mean_abs")
             scale_mu = jnp.concatenate([s_acts[name] for name in names], axis=-1)
-            scale_mu = scale_mu.reshape((B, A) + scale_mu.shape[1:]).mean(axis=1)
+            scale_mu = scale_mu.reshape((B, Vw) + scale_mu.shape[1:])[:, :A].mean(axis=1)
 
         # Teacher-forced cross-entropy and top-1 accuracy per token, then per scale and sample.
-        target = jnp.concatenate(tokens, axis=1)  # (B*A, L)
+        target = jnp.concatenate(tokens, axis=1)  # (B*Vw, L)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
         hit = (jnp.argmax(logits, axis=-1) == target).astype(jnp.float32)
-        per_scale = jnp.stack([nll @ scale_mat.T, hit @ scale_mat.T], 0)  # (2, B*A, K)
-        per_scale = per_scale.reshape(2, B, A, K).mean(axis=2)
-        overall = jnp.stack([nll.mean(-1), hit.mean(-1)], 0).reshape(2, B, A).mean(axis=2)
+        per_scale = jnp.stack([nll @ scale_mat.T, hit @ scale_mat.T], 0)  # (2, B*Vw, K)
+        per_scale = per_scale.reshape(2, B, Vw, K)[:, :, :A].mean(axis=2)
+        overall = jnp.stack([nll.mean(-1), hit.mean(-1)], 0).reshape(2, B, Vw)[:, :, :A].mean(axis=2)
 
         state = stats_lib.update(state, mu, ids, splits, valid, scale_mu)
         out = {"loss": overall[0], "acc": overall[1], "loss_s": per_scale[0], "acc_s": per_scale[1]}
         if opts.save_activations:
             out["mu"] = mu
+        if opts.membership != "none":
+            c = center_view
+            view = lambda a: a.reshape((B, Vw) + a.shape[1:])[:, c]  # noqa: E731
+            out.update(_membership_outputs(var_s, p_var, view(logits), view(target), view(x), labels,
+                                           pn[-1] ** 2, opts.membership == "both", null=cfg.var.num_classes,
+                                           precision=opts.precision))
         return state, out
 
     return step
+
+
+def _membership_outputs(var, params, logits_BLV, target_BL, x_BLC, labels_B, last: int, uncond: bool,
+                        null: int, precision: str) -> dict[str, jnp.ndarray]:
+    """The center view's per-sample statistics (varjax.membership): the last scale's
+    arg-max accuracy, loss and Min-K% from the conditional logits and, with `uncond`, from
+    conditional minus null-class logits (the transformer run once more on that view), and the
+    true tokens (the zlib ratio and the extraction need them on the host)."""
+    out = {"acc_last": mia.last_scale_accuracy(logits_BLV, target_BL, last),
+           "cond": mia.device_scores(logits_BLV, target_BL), "tokens": target_BL.astype(jnp.int32)}
+    if uncond:
+        with _precision(precision, "var"):
+            # Upstream (llm_mia.py): the model's forward with every label the null class.
+            logits_u, _ = var.apply({"params": params}, jnp.full_like(labels_B, null), x_BLC, None,
+                                    mutable=[COLLECTION])
+        diff = logits_BLV.astype(jnp.float32) - logits_u.astype(jnp.float32)
+        out["diff"] = mia.device_scores(diff, target_BL)
+    return out
 
 
 @dataclasses.dataclass
@@ -273,22 +333,23 @@ class CompiledStep:
 
 
 def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
-                 state: dict) -> CompiledStep:
+                 state: dict, center_view: int | None = None) -> CompiledStep:
     """Jit `make_step` with the batch sharded and parameters and statistics replicated, and
     compile it ahead of time (so compile time is reported apart from steady-state speed).
 
     Args:
       image_shape: (H, W) of the views; opts.batch_size: images per step over all devices.
       state: host statistics (`varjax.stats.init_state` or a resumed checkpoint).
+      center_view: the plan's center view (see make_step).
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(make_step(model, num_views, opts), in_shardings=(repl, repl) + (data,) * 5,
+    step = jax.jit(make_step(model, num_views, opts, center_view), in_shardings=(repl, repl) + (data,) * 5,
                    out_shardings=(repl, data), donate_argnums=(1,))
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape
-    example = (jax.ShapeDtypeStruct((G, num_views, H, W, 3), jnp.uint8, sharding=data),) + tuple(
+    example = (jax.ShapeDtypeStruct((G, total_views(num_views, center_view), H, W, 3), jnp.uint8, sharding=data),) + tuple(
         jax.ShapeDtypeStruct((G,), dt, sharding=data) for dt in (jnp.int32, jnp.int32, jnp.int32, bool))
     t0 = time.perf_counter()
     compiled = step.lower(params, dev_state, *example).compile()

@@ -30,11 +30,12 @@ from varjax.names import UNIT_SITES
 
 PRESETS = {
     "demo": dict(data=None, checkpoint=None, out="runs/demo", augs=8, batch_size=16, classes=None,
-                 per_class=None, precision="highest", save_activations=True, per_scale=True),
+                 per_class=None, precision="highest", save_activations=True, per_scale=True, membership="both"),
     # 16 images x 8 views = 128 views a step: what upstream ran in 48-64 GiB on an 80 GB card
     # (docs/performance.md); a step holds the VQVAE's 256-px activations of every view.
     "study": dict(data="imagenet2012", checkpoint=None, out="runs/study", augs=8, batch_size=16,
-                  classes=32, per_class=256, precision="highest", save_activations=False, per_scale=True),
+                  classes=32, per_class=256, precision="highest", save_activations=False, per_scale=True,
+                  membership="both"),
 }
 
 
@@ -69,6 +70,10 @@ class StudyConfig:
     scale_units: str | None = None  # a file of unit ids to scale while recording (varjax.scaling)
     scale_factor: float = 0.5
     scale_mode: str = "weights"
+    # Membership scores on upstream's validation view (varjax.membership): none, conditional
+    # or both (also conditional minus unconditional logits); the view is appended to the
+    # random crops (or is the one view with --deterministic).
+    membership: str | None = None
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -196,7 +201,7 @@ def _record_options(cfg: StudyConfig, model):
                                         tuple(cfg.sites))
     return Options(batch_size=cfg.batch_size, precision=cfg.precision, save_activations=cfg.save_activations,
                    per_scale=cfg.per_scale, class_dropout=cfg.class_dropout, seed=cfg.seed, attention=attention,
-                   sites=tuple(cfg.sites), unit_scaling=scaling)
+                   sites=tuple(cfg.sites), unit_scaling=scaling, membership=cfg.membership)
 
 
 def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, info: dict) -> dict:
@@ -206,7 +211,7 @@ def _run_info(cfg: StudyConfig, model, model_name: str, splits, samples, opts, i
         "data_dir": cfg.data_dir, "splits": splits, "classes": cfg.classes, "per_class": cfg.per_class,
         "seed": cfg.seed, "augs": cfg.augs, "mid_reso": cfg.mid_reso, "deterministic": cfg.deterministic,
         "class_dropout": cfg.class_dropout, "precision": cfg.precision, "attention": opts.attention,
-        "batch_size": cfg.batch_size, "sites": list(opts.sites),
+        "batch_size": cfg.batch_size, "sites": list(opts.sites), "membership": opts.membership,
         "unit_scaling": opts.unit_scaling.describe() if opts.unit_scaling else None,
         "n_images": len(samples), "skipped": info["skipped"], "record_compile_s": info["compile_s"],
         "record_images_per_s": info["images_per_s"], "patch_nums": list(model.config.patch_nums),
@@ -242,7 +247,8 @@ def run(config: StudyConfig) -> tuple[Path, dict | None]:
     source, samples, splits = _select(cfg, model)
     res = model.config.resolution
     augment = data.AugmentConfig(resolution=res, mid_reso=cfg.mid_reso, views=cfg.augs,
-                                 deterministic=cfg.deterministic)
+                                 deterministic=cfg.deterministic,
+                                 center_view=cfg.membership != "none" and not cfg.deterministic)
     plan = Plan.from_samples(source, samples, augment, seed=cfg.seed, on_error=cfg.on_error,
                              num_workers=cfg.workers, threads=cfg.threads)
     out = Path(cfg.out)  # created by `record`, once the settings are checked

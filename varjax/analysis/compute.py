@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 
 from varjax import beyond, unitmem
+from varjax.analysis.extraction import ExtractionAnalysis, analyze_extraction, nmu_of
+from varjax.analysis.mia import MembershipAnalysis, analyze_membership
 from varjax.analysis.planted import PlantedAnalysis, analyze_planted
 from varjax.analysis.rundir import RunData
 from varjax.errors import AnalysisError
@@ -85,6 +87,9 @@ class Analysis:
       other_variant: (name, D' result) of the other mu_-max variant (None without the matrix).
       d_all: item 9 (None without val samples).
       planted: the planted-memorization tests (None unless the run is planted).
+      membership: members vs non-members by every per-sample score (None without
+        membership.csv or without val samples).
+      extraction: the extraction job's rates (None without extraction.csv).
     """
 
     data: RunData
@@ -106,6 +111,8 @@ class Analysis:
     other_variant: tuple[str, DatasetResult] | None
     d_all: DAllResult | None
     planted: PlantedAnalysis | None
+    membership: MembershipAnalysis | None = None
+    extraction: ExtractionAnalysis | None = None
 
     @property
     def diversity_all(self) -> beyond.DiversityTest:
@@ -226,9 +233,12 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
     d_all = None
     if "val" in data.stats and primary == "train":
         d_all = _d_all(data, variant, q, n_permutations, seed, say)
+    say("membership inference") if data.membership is not None else None
+    membership = analyze_membership(data, d_all.dataset.nmu if d_all else None,
+                                    np.flatnonzero(np.isin(data.split, ["train", "val"])) if d_all else None)
     diversity, classes, scale_depth = _beyond(data, main, st.argmax, label_of_unit, per_scale, q, top_k,
                                               n_permutations, seed, say)
-    return Analysis(
+    a = Analysis(
         data=data, variant=variant, q=q, top_k=top_k, primary=primary, rows=rows, d_prime=main,
         argmax_row=argmax_row, fc1=fc1,
         top_units={int(b): unitmem.top_units_of_block(main.um, layout, int(b), fc1, top_k)
@@ -236,4 +246,5 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
         diversity=diversity, classes=classes,
         loss=unitmem.loss_correlation(data.loss[rows], main.nmu) if data.loss is not None else None,
         per_scale=per_scale, scale_labels=labels, scale_depth=scale_depth, other_variant=other, d_all=d_all,
-        planted=planted_result)
+        planted=planted_result, membership=membership)
+    return dataclasses.replace(a, extraction=analyze_extraction(data, nmu_of(a)))

@@ -10,7 +10,8 @@ Groups: on a planted run the roles (canaries by copies, singletons, held-out); "
 is the canaries. On any other run "memorized" is the D' samples with NumMemUnits > 0 over
 U10(D') (the study's samples with memorizing units), "other" the rest of D', "held-out" D_val.
 Effects are after - before per sample (loss in nats/token, token accuracy, extraction).
-Extracted: the greedy continuation regenerates every token of the view (SSIM is reported
+Extracted: SSIM >= 0.75 between the decodes of the continuation and of the true tokens, the
+extraction job's offline stand-in for the published SSCD rule (identical tokens are reported
 beside it). Tests (`varjax.intervention`): chosen vs control per group, paired by sample
 (sign flips of chosen minus the mean of the control draws); memorized vs other under the
 chosen units, and the same on that chosen-minus-control difference (selectivity: does the
@@ -32,6 +33,7 @@ from varjax import unitmem
 from varjax.analysis.fmt import to_json
 from varjax.analysis.rundir import RunData
 from varjax.data.planted import parse_role
+from varjax.extraction_job import SSIM_THRESHOLD
 from varjax.runfiles import atomic_write_text, write_csv
 
 JSON, CSV, SECTION = "intervention.json", "intervention.csv", "intervention.md"
@@ -93,8 +95,9 @@ def _role_order(group: np.ndarray) -> list[str]:
 
 
 def extracted(arrays: dict[str, np.ndarray], k: int) -> np.ndarray:
-    """(N,) float: 1 where the continuation from k true scales regenerates every token."""
-    return (arrays[f"identical_share_k{k}"] >= 1.0).astype(np.float64)
+    """(N,) float: 1 where the continuation from k true scales is extracted, by the extraction
+    job's offline rule (SSIM of the two decodes >= varjax.extraction_job.SSIM_THRESHOLD)."""
+    return (arrays[f"ssim_k{k}"] >= SSIM_THRESHOLD).astype(np.float64)
 
 
 def _has_extraction(res_arrays: dict[str, np.ndarray], k: int) -> bool:
@@ -173,7 +176,8 @@ def summarize(data: RunData, conds, res_arrays: dict[str, dict[str, np.ndarray]]
     summary = {
         "settings": {**dataclasses.asdict(cfg), "prefix_scales": list(ks)},
         "definitions": {"memorized": "canaries" if planted else "D' samples with NumMemUnits > 0 over U10(D')",
-                        "extracted": "the greedy continuation regenerates every token (identical share 1)",
+                        "extracted": f"SSIM >= {SSIM_THRESHOLD} between the decodes of the greedy continuation "
+                                     "and of the true tokens (the extraction job's offline rule)",
                         "effects": "after - before, per sample; loss in nats/token"},
         "planted": planted,
         "chosen_units": [{"unit": int(u), "block": int(data.layout.block[u]),

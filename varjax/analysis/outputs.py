@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from varjax.analysis import figures as F
+from varjax.analysis import memfigures, mia
 from varjax.analysis import report
 from varjax.analysis.compute import Analysis, compute
 from varjax.analysis.planted import FIGURE as PLANTED_FIGURE
@@ -98,7 +99,18 @@ def figures(a: Analysis, load_image: ImageLoader) -> dict[str, object]:
     if a.per_scale is not None:
         out["extra_per_scale"] = F.per_scale(a.per_scale, lay.sites, a.scale_labels)
         out["open_scale_depth"] = F.scale_depth(a.scale_depth, a.scale_labels)
+    if a.membership is not None:
+        out["mia_roc"] = _roc_figure(a.membership)
     return out
+
+
+def _roc_figure(m):
+    """ROC curves of the headline scores: loss, the best Min-K% and zlib of each family, the
+    last-scale accuracy and NumMemUnits."""
+    names = [n for n in ("cond_loss", m.best.get("cond_mink"), "cond_zlib", "diff_loss", m.best.get("diff_mink"),
+                         "diff_zlib", "acc_last", mia.NMU) if n in m.scores]
+    return memfigures.roc_curves({n: m.scores[n] for n in names}, {n: m.get(n).members_lower for n in names},
+                                 {n: mia.label(n) for n in names})
 
 
 def planted_figure(p: PlantedAnalysis):

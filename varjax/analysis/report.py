@@ -16,6 +16,13 @@
   statistics).
 - `d_all` (only when val samples are present): the same dataset numbers on D' + D_val, and
   `all_units` / `u10` train-vs-val comparisons with permutation p-values.
+- `membership` (null without membership.csv or val samples; varjax.analysis.mia): members
+  (train) vs non-members (val) per score: `auc`, `tpr` (at 1% FPR) on all samples and
+  `auc_mean`/`auc_std`/`tpr_mean`/`tpr_std` over the repeats; `best` Min-K% per family;
+  `roles` (score means per planted role).
+- `extraction` (null without extraction.csv; varjax.analysis.extraction): per prefix k the
+  extraction rate, mean SSIM and generated-token agreement by split (candidates, all
+  continued), by NumMemUnits bins and per planted role; `canaries`; `info` (extraction.json).
 - `figures`: figure name -> path relative to the run directory.
 `render_markdown` writes the human-readable report from the same results. Neither touches
 the file system.
@@ -29,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from varjax.analysis import questions
+from varjax.analysis import extraction, mia, questions
 from varjax.analysis.compute import Analysis, DatasetResult
 from varjax.analysis.fmt import jsonable, to_json  # noqa: F401 (to_json: re-exported)
 from varjax.analysis.fmt import num as _f
@@ -112,6 +119,8 @@ def build_summary(a: Analysis, figures: dict[str, str]) -> dict:
                         "note": "splits from samples.csv (the study's off-by-one, counting the first "
                                 "val sample as train, is not reproduced)"}
     out.update(questions.summary(a))
+    out.update(mia.summary(a.membership))
+    out.update(extraction.summary(a.extraction))
     out["figures"] = dict(figures)
     return out
 
@@ -355,5 +364,6 @@ def render_markdown(a: Analysis, summary: dict, figures: dict[str, str]) -> str:
     lines = w.run() + w.planted() + w.d_prime()
     if a.d_all is not None:
         lines += w.d_all()
+    lines += mia.markdown(a.membership, w.fig) + extraction.markdown(a.extraction)
     lines += w.beyond(summary) + questions.markdown(a, w.fig)
     return "\n".join(lines).rstrip() + "\n"

@@ -41,6 +41,8 @@ class RunData:
       run_info: run.json, or None; record_info: record.json (the recording pass), or None.
       n_skipped: samples of samples.csv left out because skipped.csv lists them.
       stats_source: "stats_npz" or "activations".
+      membership: {column: (N,) float} from membership.csv (varjax.membership.columns; NaN
+        where a sample has no row), or None without the file.
     """
 
     run_dir: Path
@@ -58,6 +60,7 @@ class RunData:
     record_info: dict | None
     n_skipped: int
     stats_source: str
+    membership: dict[str, np.ndarray] | None = None
 
     @property
     def primary(self) -> str:
@@ -215,7 +218,24 @@ def load_run(run_dir: Path | str) -> RunData:
         raise AnalysisError(f"units.csv has the sites {', '.join(layout.sites)} but record.json recorded "
                             f"{', '.join(recorded)}")
     return RunData(run_dir, layout, ids, split, label, [r["source"] for r in rows], stats, scale_stats,
-                   acts, acts_rows, loss, run_info, record_info, n_all - len(acts_rows), stats_source)
+                   acts, acts_rows, loss, run_info, record_info, n_all - len(acts_rows), stats_source,
+                   _read_membership(run_dir, ids))
+
+
+def _read_membership(run_dir: Path, ids: np.ndarray) -> dict[str, np.ndarray] | None:
+    """membership.csv's columns aligned with `ids` (NaN where absent), or None without it."""
+    path = run_dir / "membership.csv"
+    if not path.is_file():
+        return None
+    rows = _read_csv(path, ("sample", "acc_last"))
+    by_id = {_int(r["sample"], "membership.csv sample"): r for r in rows}
+    out = {}
+    for col in [c for c in rows[0] if c != "sample"] if rows else ["acc_last"]:
+        try:
+            out[col] = np.array([float(by_id[i][col]) if i in by_id else np.nan for i in ids])
+        except (TypeError, ValueError):
+            raise AnalysisError(f"membership.csv: column {col} holds a value that is not a number") from None
+    return out
 
 
 def default_load_image(source: str, base: Path | None = None) -> np.ndarray | None:

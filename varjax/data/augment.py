@@ -38,12 +38,16 @@ class AugmentConfig:
       deterministic: one center-cropped view instead of random crops: upstream's validation
         transform (for reproducible checks and extraction; the training resize, so the
         model sees the scale it was trained on).
+      center_view: in random mode, also that center crop, after the A random views (the
+        view the membership scores and extraction use, beside the study's crops; in
+        deterministic mode view 0 already is it).
     """
 
     resolution: int = 256
     mid_reso: float = 1.125
     views: int | None = None
     deterministic: bool = False
+    center_view: bool = False
 
     def __post_init__(self):
         if self.resolution < 1:
@@ -62,6 +66,18 @@ class AugmentConfig:
         if self.views is not None:
             return self.views
         return 1 if self.deterministic else 8
+
+    @property
+    def total_views(self) -> int:
+        """Views per image as loaded: A, plus the center view in random mode when asked."""
+        return self.num_views + (1 if self.center_view and not self.deterministic else 0)
+
+    @property
+    def center_index(self) -> int | None:
+        """Which loaded view is the center crop (None: none is)."""
+        if self.deterministic:
+            return 0
+        return self.num_views if self.center_view else None
 
     @property
     def resize_to(self) -> int:
@@ -124,7 +140,7 @@ def augment(data: bytes, sample: int, config: AugmentConfig, seed: int) -> np.nd
       seed: the run's augmentation seed.
 
     Returns:
-      uint8 (A, S, S, 3).
+      uint8 (A, S, S, 3), or (A + 1, S, S, 3) with the center view appended.
 
     Raises:
       OSError, ValueError, ...: the image cannot be decoded (the caller names the file).
@@ -133,9 +149,9 @@ def augment(data: bytes, sample: int, config: AugmentConfig, seed: int) -> np.nd
     pixels = np.asarray(img)  # (H, W, 3) uint8
     height, width, _ = pixels.shape
     s = config.resolution
-    out = np.empty((config.num_views, s, s, 3), np.uint8)
-    for view in range(config.num_views):
-        if config.deterministic:
+    out = np.empty((config.total_views, s, s, 3), np.uint8)
+    for view in range(config.total_views):
+        if config.deterministic or view == config.center_index:
             top, left = center_offsets(height, width, s)
         else:
             top, left = crop_offsets(height, width, s, seed=seed, sample=sample, view=view)

@@ -57,7 +57,7 @@ class _LoadSample:
     seed: int
 
     def __call__(self, item: tuple[int, int, str, Locator]) -> dict[str, Any]:
-        shape = (self.config.num_views, self.config.resolution, self.config.resolution, 3)
+        shape = (self.config.total_views, self.config.resolution, self.config.resolution, 3)
         sample, label, source, locator = item
         if sample == _PAD_SAMPLE:
             return _element(np.zeros(shape, np.uint8), 0, _PAD_SAMPLE, False, None)
