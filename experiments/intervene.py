@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="weights: the units' incoming weights (biases kept; the paper's); output: their values")
     ap.add_argument("--draws", type=int, default=5, help="control draws of random units (same count per site, block)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the control draws and the permutation tests")
+    ap.add_argument("--per-sample", type=int, default=0,
+                    help="also the N D' samples owning the most chosen units, each with only its own units "
+                         "scaled, against --draws controls of its size (N x (1 + draws) more conditions)")
     ap.add_argument("--prefix-scales", type=_ints, help="extraction: true scales forced, comma-separated "
                     "(default: 4 of 10 scales, as published; K - 2 with fewer than 6 scales, 2 on the planted model)")
     ap.add_argument("--batch-size", type=int, help="images per recording step (default: the run's)")
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
         cfg = InterveneConfig(
             sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()), percent=args.top_percent,
             scope=args.scope, factor=args.factor, mode=args.mode, draws=args.draws, seed=args.seed,
-            prefix_scales=args.prefix_scales, batch_size=args.batch_size, n_permutations=args.permutations,
+            prefix_scales=args.prefix_scales, per_sample=args.per_sample, batch_size=args.batch_size, n_permutations=args.permutations,
             checkpoint=args.checkpoint, restart=args.restart)
         intervene(args.run_dir, cfg)
     except VarjaxError as e:

@@ -77,6 +77,18 @@ def test_control_draws_match_counts_per_site_and_block():
     assert not np.array_equal(iv.control_draws(lay, chosen, 1, seed=4)[0], draws[0])
 
 
+def test_own_targets_are_the_samples_owning_the_most_chosen_units():
+    argmax = np.array([7, 7, 3, 3, 3, 9, 7, 5, 5, 1])  # unit u's argmax sample
+    chosen = np.array([0, 1, 2, 3, 5, 6, 7, 8])  # 7 owns 0, 1, 6; 3 owns 2, 3; 5 owns 7, 8; 9 owns 5
+    got = iv.own_targets(argmax, chosen, np.array([1, 3, 5, 7, 9, 11]), 3)
+    assert [(x, u.tolist()) for x, u in got] == [(7, [0, 1, 6]), (3, [2, 3]), (5, [7, 8])]  # ties: lower id
+    assert [x for x, _ in iv.own_targets(argmax, chosen, np.array([1, 11]), 5)] == []  # own no chosen unit
+    lay = _layout()
+    own = np.array([40, 41, 100])
+    a, b = (iv.control_draws(lay, own, 1, seed=0, stream=(s,))[0] for s in (7, 3))
+    assert iv.cell_counts(lay, a) == iv.cell_counts(lay, own) and not np.array_equal(a, b)
+
+
 # -- the permutation tests -------------------------------------------------------------------
 
 def test_paired_test_matches_exact_enumeration():
@@ -187,6 +199,7 @@ def test_mismatched_checkpoint_is_refused(small_run, tmp_path, capsys):
     (["{run}", "--sites", "head"], "not recorded in this run"),
     (["{run}", "--top-percent", "0"], "--top-percent must be in (0, 100]"),
     (["{run}", "--draws", "0"], "--draws must be >= 1"),
+    (["{run}", "--per-sample", "-1"], "--per-sample must be >= 0"),
     (["{run}", "--factor", "nan"], "--factor must be a finite number"),
     (["{run}", "--prefix-scales", "7"], "--prefix-scales [7]"),
     (["{empty}"], "lacks run.json"),

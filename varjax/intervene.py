@@ -54,6 +54,9 @@ class InterveneConfig:
     prefix_scales: tuple[int, ...] | None = None  # None: default_prefixes(patch_nums)
     batch_size: int | None = None  # None: the run's
     n_permutations: int = 10_000
+    # Also, per sample: the `per_sample` D' samples owning the most chosen units (their argmax),
+    # each with only its own units scaled, against `draws` controls of its own size.
+    per_sample: int = 0
     checkpoint: str | None = None  # None: the run's own (run.json)
     restart: bool = False
 
@@ -74,6 +77,8 @@ class InterveneConfig:
             raise InterventionError(f"--draws must be >= 1 (the control), got {self.draws}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InterventionError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.per_sample < 0:
+            raise InterventionError(f"--per-sample must be >= 0, got {self.per_sample}")
         if self.n_permutations < 0:
             raise InterventionError(f"--permutations must be >= 0, got {self.n_permutations}")
 
@@ -108,12 +113,14 @@ class RunInputs:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Condition:
-    """One measured setting: name ("baseline", "chosen", "control_3"), kind, draw, unit ids."""
+    """One measured setting: name ("baseline", "chosen", "control_3", "own_17",
+    "own_17_control_0"), kind, draw, unit ids, and the sample whose own units it scales."""
 
     name: str
-    kind: str  # "baseline", "chosen", "control"
+    kind: str  # "baseline", "chosen", "control", "own", "own_control"
     draw: int  # control draw index; -1 otherwise
     units: np.ndarray
+    target: int = -1  # sample id of an "own" condition or its control; -1 otherwise
 
 
 def _json(path: Path) -> dict:
@@ -232,6 +239,12 @@ def conditions(inputs: RunInputs, cfg: InterveneConfig) -> list[Condition]:
     out = [Condition(BASELINE, "baseline", -1, np.zeros(0, np.int64)), Condition("chosen", "chosen", -1, chosen)]
     out += [Condition(f"control_{d}", "control", d, u)
             for d, u in enumerate(iv.control_draws(lay, chosen, cfg.draws, cfg.seed))]
+    d = inputs.data
+    rows = d.rows_of(d.primary)
+    for x, own in iv.own_targets(d.stats[d.primary].argmax, chosen, d.ids[rows], cfg.per_sample):
+        out.append(Condition(f"own_{x}", "own", -1, own, x))
+        out += [Condition(f"own_{x}_control_{j}", "own_control", j, u, x)
+                for j, u in enumerate(iv.control_draws(lay, own, cfg.draws, cfg.seed, (x,)))]
     return out
 
 
@@ -340,7 +353,7 @@ def measure_all(run_dir: Path, inputs: RunInputs, cfg: InterveneConfig, conds: l
     _prepare_dir(work, key, cfg.restart)
     ks = _prefixes(cfg, inputs)
     results, todo = {}, [c for c in conds if not (work / f"{c.name}.npz").exists()]
-    log(f"{len(conds)} conditions ({len(conds) - len(todo)} done before), {len(conds[1].units)} units each, "
+    log(f"{len(conds)} conditions ({len(conds) - len(todo)} done before), {len(conds[1].units)} units chosen, "
         f"extraction from k = {', '.join(map(str, ks))} true scales")
     t0 = time.perf_counter()
     for j, cond in enumerate(todo):

@@ -89,12 +89,30 @@ def cell_counts(layout: UnitLayout, units: np.ndarray) -> dict[tuple[str, int], 
     return {(layout.sites[s], b): len(u) for (s, b), u in _cells(layout, units).items()}
 
 
-def control_draws(layout: UnitLayout, chosen: np.ndarray, n_draws: int, seed: int = 0) -> list[np.ndarray]:
+def own_targets(argmax: np.ndarray, chosen: np.ndarray, sample_ids: np.ndarray, n: int) -> list[tuple[int, np.ndarray]]:
+    """The n samples owning the most chosen units (argmax = the sample; ties to the lower id),
+    each with its own units; samples owning none are never targets.
+
+    Args:
+      argmax: (U,) sample id maximally activating each unit (D'); chosen: unit ids;
+      sample_ids: the candidate samples (D'); n: how many targets.
+    Returns:
+      [(sample id, its own unit ids ascending), ...], most units first.
+    """
+    ids = np.asarray(sample_ids, np.int64)
+    owners = np.asarray(argmax)[np.asarray(chosen, np.int64)]
+    counts = np.array([(owners == i).sum() for i in ids])
+    order = [p for p in np.lexsort((ids, -counts)) if counts[p] > 0][:n]
+    return [(int(ids[p]), own_units(argmax, chosen, int(ids[p]))) for p in order]
+
+
+def control_draws(layout: UnitLayout, chosen: np.ndarray, n_draws: int, seed: int = 0,
+                  stream: tuple[int, ...] = ()) -> list[np.ndarray]:
     """Random unit sets with the chosen set's count in every (site, block).
 
     Draw d takes, in each cell, that many units uniformly without replacement from all the
-    cell's units, from `np.random.default_rng([seed, d])` alone (draw d is the same whatever
-    n_draws is).
+    cell's units, from `np.random.default_rng([seed, *stream, d])` alone (draw d is the same
+    whatever n_draws is; `stream` keeps the draws of different targets apart).
     Returns:
       n_draws arrays of ascending unit ids, each as long as `chosen`.
     """
@@ -103,7 +121,7 @@ def control_draws(layout: UnitLayout, chosen: np.ndarray, n_draws: int, seed: in
     cells = _cells(layout, chosen)
     out = []
     for d in range(n_draws):
-        rng = np.random.default_rng([seed, d])
+        rng = np.random.default_rng([seed, *stream, d])
         picks = []
         for (s, b), units in cells.items():
             pool = np.flatnonzero((layout.site == s) & (layout.block == b))

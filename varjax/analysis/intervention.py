@@ -166,6 +166,51 @@ def _tests(res_arrays, kinds, main, ks, n_perm: int, seed: int) -> dict[str, Any
     return out
 
 
+def _own_entry(data: RunData, x: int, own, ctrl, base, group, main, ks) -> dict[str, Any]:
+    """One target sample: its own units scaled vs controls of the same size."""
+    p = int(np.flatnonzero(data.ids == x)[0])
+    others = (main == "other") | (main == "memorized")
+    others[p] = False
+    d = lambda a, key: a[key] - base[key]  # noqa: E731
+    entry = {"sample": x, "source": data.source[p], "group": str(group[p]), "n_units": int(len(own["units"])),
+             "cells": {f"{s} block {b}": n for (s, b), n in iv.cell_counts(data.layout, own["units"]).items()},
+             "unitmem_of_own_before": float(base["um"][own["units"]].mean()),
+             "unitmem_of_own_after": float(own["um"][own["units"]].mean()),
+             "loss_before": float(base["loss"][p]), "delta_loss_own": float(d(own, "loss")[p]),
+             "delta_loss_controls": [float(d(c, "loss")[p]) for c in ctrl],
+             "delta_loss_other_members_own": float(d(own, "loss")[others].mean()),
+             "delta_loss_other_members_controls": [float(d(c, "loss")[others].mean()) for c in ctrl],
+             "delta_loss_heldout_own": float(d(own, "loss")[main == "held-out"].mean()) if (main == "held-out").any()
+             else None}
+    for k in ks:
+        if _has_extraction(own, k):
+            entry[f"k{k}"] = {"ssim_before": float(base[f"ssim_k{k}"][p]), "ssim_own": float(own[f"ssim_k{k}"][p]),
+                              "ssim_controls": [float(c[f"ssim_k{k}"][p]) for c in ctrl],
+                              "extracted_before": float(extracted(base, k)[p]),
+                              "extracted_own": float(extracted(own, k)[p]),
+                              "extracted_controls": [float(extracted(c, k)[p]) for c in ctrl]}
+    return entry
+
+
+def _per_sample(data: RunData, conds, res_arrays, group, main, ks, n_perm: int, seed: int) -> dict[str, Any] | None:
+    """Each target's own units against its controls; paired tests over the targets."""
+    targets = [c for c in conds if c.kind == "own"]
+    if not targets:
+        return None
+    base = res_arrays["baseline"]
+    entries = []
+    for c in targets:
+        ctrl = [res_arrays[o.name] for o in conds if o.kind == "own_control" and o.target == c.target]
+        entries.append(_own_entry(data, c.target, res_arrays[c.name], ctrl, base, group, main, ks))
+    excess = np.array([e["delta_loss_own"] - np.mean(e["delta_loss_controls"]) for e in entries])
+    tests = {"delta_loss_own_vs_control": dataclasses.asdict(iv.paired_test(excess, n_perm, seed))}
+    for k in ks:
+        if all(f"k{k}" in e for e in entries):
+            ds = np.array([e[f"k{k}"]["ssim_own"] - np.mean(e[f"k{k}"]["ssim_controls"]) for e in entries])
+            tests[f"ssim_k{k}_own_vs_control"] = dataclasses.asdict(iv.paired_test(ds, n_perm, seed))
+    return {"targets": entries, "tests": tests}
+
+
 def summarize(data: RunData, conds, res_arrays: dict[str, dict[str, np.ndarray]], cfg, ks) -> InterventionResult:
     """Group means per condition and the tests (see the module docstring)."""
     group, mem, planted = groups(data, res_arrays["baseline"]["um"])
@@ -184,8 +229,9 @@ def summarize(data: RunData, conds, res_arrays: dict[str, dict[str, np.ndarray]]
                           "site": data.layout.sites[int(data.layout.site[u])], "index": int(data.layout.index[u]),
                           "unitmem": float(base["um"][u])} for u in chosen],
         "conditions": {c.name: _condition_summary(c.name, c.kind, res_arrays[c.name], base, data.layout, chosen,
-                                                  group, main, ks) for c in conds if c.kind != "baseline"},
+                                                  group, main, ks) for c in conds if c.kind in ("chosen", "control")},
         "tests": _tests(res_arrays, kinds, main, ks, cfg.n_permutations, cfg.seed),
+        "per_sample": _per_sample(data, conds, res_arrays, group, main, ks, cfg.n_permutations, cfg.seed),
     }
     return InterventionResult(data.ids, data.split, data.label, list(data.source), group, main, mem, res_arrays,
                               kinds, tuple(ks), summary)

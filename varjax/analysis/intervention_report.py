@@ -126,6 +126,41 @@ def _paragraph(r: InterventionResult, k: int | None) -> str:
     return s
 
 
+def _per_sample_lines(r: InterventionResult) -> list[str]:
+    ps = r.summary.get("per_sample")
+    if not ps:
+        return []
+    ks = [k for k in r.prefixes if all(f"k{k}" in e for e in ps["targets"])]
+    k = ks[-1] if ks else None
+    header = ["sample", "group", "own units", "their UnitMem before -> after", "loss before", "Δloss own",
+              "Δloss control (mean, sd)", "Δloss other members: own / control"]
+    if k is not None:
+        header += [f"SSIM k={k}: before / own / control", f"extracted k={k}: before / own / control"]
+    rows = []
+    for e in ps["targets"]:
+        row = [f"{e['sample']} `{e['source']}`", e["group"], e["n_units"],
+               f"{_f(e['unitmem_of_own_before'], 3)} -> {_f(e['unitmem_of_own_after'], 3)}", _f(e["loss_before"], 4),
+               _f(e["delta_loss_own"], 3), _spread(e["delta_loss_controls"]),
+               f"{_f(e['delta_loss_other_members_own'], 3)} / {_f(np.mean(e['delta_loss_other_members_controls']), 3)}"]
+        if k is not None:
+            x = e[f"k{k}"]
+            row += [f"{_f(x['ssim_before'], 3)} / {_f(x['ssim_own'], 3)} / {_f(np.mean(x['ssim_controls']), 3)}",
+                    f"{_pct(x['extracted_before'])} / {_pct(x['extracted_own'])} / "
+                    f"{_pct(float(np.mean(x['extracted_controls'])))}"]
+        rows.append(row)
+    t = ps["tests"]["delta_loss_own_vs_control"]
+    lines = ["", f"Per sample (`--per-sample {len(ps['targets'])}`): the D' samples owning the most chosen units "
+             "(their argmax), each with only its own units scaled, against random units of the same count per "
+             "site and block:", "", *_table(header, rows), "",
+             f"Δloss own - control over these samples: mean {_f(t['statistic'], 3)}, paired sign-flip p = "
+             f"{_f(t['p_value'], 3)} (n = {t['n_a']})"]
+    if k is not None:
+        ts = ps["tests"][f"ssim_k{k}_own_vs_control"]
+        lines[-1] += f"; ΔSSIM (k={k}) own - control: {_f(ts['statistic'], 3)}, p = {_f(ts['p_value'], 3)}"
+    lines[-1] += "."
+    return lines
+
+
 def section(r: InterventionResult) -> str:
     """The report section (markdown)."""
     st, conds = r.summary["settings"], r.summary["conditions"]
@@ -143,7 +178,8 @@ def section(r: InterventionResult) -> str:
              "forced, greedy continuation; extracted: "
              f"{r.summary['definitions']['extracted']}). Memorized: "
              f"{r.summary['definitions']['memorized']}. Δ = after - before, per sample, then averaged.", "",
-             _paragraph(r, k), "", *_condition_table(r, k), "", *_role_table(r), "", *_test_lines(r, k)]
+             _paragraph(r, k), "", *_condition_table(r, k), "", *_role_table(r), "", *_test_lines(r, k),
+             *_per_sample_lines(r)]
     lines += ["", f"![intervention]({FIGURE})", "",
               "Files: `intervention.json` (settings, units, every number above), `intervention.csv` (per sample "
               "and condition), `intervention/` (each condition's recording and arrays).", ""]
