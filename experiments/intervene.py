@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         cfg = InterveneConfig(
             sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()), percent=args.top_percent,
             scope=args.scope, factor=args.factor, mode=args.mode, draws=args.draws, seed=args.seed,
-            prefix_scales=args.prefix_scales, per_sample=args.per_sample, batch_size=args.batch_size, n_permutations=args.permutations,
-            checkpoint=args.checkpoint, restart=args.restart)
+            prefix_scales=args.prefix_scales, per_sample=args.per_sample, batch_size=args.batch_size,
+            n_permutations=args.permutations, checkpoint=args.checkpoint, restart=args.restart)
         intervene(args.run_dir, cfg)
     except VarjaxError as e:
         print(f"intervene: error: {e}", file=sys.stderr)

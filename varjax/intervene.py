@@ -4,10 +4,11 @@
 samples from its own files (run.json, record.json: checked, so a different checkpoint or data
 is refused), chooses units from the run's UnitMem (`varjax.intervention`), and measures each
 condition: the baseline (no scaling), the chosen units, and `draws` random controls with the
-same count per (site, block), all scaled by one factor. Per condition:
-  - the recording pass (the baseline: the run's own files) (`varjax.driver.record` with `Options(unit_scaling=...)`, the run's
+same count per (site, block), all scaled by one factor; with `per_sample`, also each target
+sample's own units against controls of their size. Per condition:
+  - the recording pass (`varjax.driver.record` with `Options(unit_scaling=...)`, the run's
     views, crops, precision and sites) gives per-sample teacher-forced loss and token accuracy
-    on every split, and UnitMem on D' after scaling;
+    on every split, and UnitMem on D' after scaling (the baseline: the run's own files);
   - the extraction attack (`varjax.extraction.extract`: the true tokens of the first k scales
     of upstream's validation view forced, greedy continuation) gives identical tokens and SSIM.
 Each condition is saved atomically as `RUN_DIR/intervention/<name>.npz` once complete (its
@@ -32,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from varjax import intervention as iv
-from varjax.errors import InterventionError, VarjaxError
+from varjax.errors import InterventionError
 from varjax.runfiles import atomic_save_npz, atomic_write_text
 
 WORK_DIR = "intervention"
@@ -396,8 +397,6 @@ def intervene(run_dir: Path | str, cfg: InterveneConfig = InterveneConfig(),
     except KeyboardInterrupt:
         raise InterventionError("interrupted; run the same command again to resume "
                                 "(finished conditions are kept)") from None
-    except VarjaxError:
-        raise
     say("summary, tests, figure, report section")
     res = out.summarize(inputs.data, conds, results, cfg, _prefixes(cfg, inputs))
     out.write(run_dir, res)

@@ -174,8 +174,8 @@ def section(r: InterventionResult) -> str:
              f"Control: {st['draws']} draws of random units with the same count per site and block (seed "
              f"{st['seed']}; a draw may share units with the chosen set). Each condition re-runs the recording "
              "pass with the run's views (the baseline: the run's own files; per-sample teacher-forced loss and "
-             "token accuracy, UnitMem on D') and the extraction attack (the true tokens of the first k scales of upstream's validation view "
-             "forced, greedy continuation; extracted: "
+             "token accuracy, UnitMem on D') and the extraction attack (the true tokens of the first k scales "
+             "of upstream's validation view forced, greedy continuation; extracted: "
              f"{r.summary['definitions']['extracted']}). Memorized: "
              f"{r.summary['definitions']['memorized']}. Δ = after - before, per sample, then averaged.", "",
              _paragraph(r, k), "", *_condition_table(r, k), "", *_role_table(r), "", *_test_lines(r, k),
