@@ -89,6 +89,25 @@ def test_own_targets_are_the_samples_owning_the_most_chosen_units():
     assert iv.cell_counts(lay, a) == iv.cell_counts(lay, own) and not np.array_equal(a, b)
 
 
+def test_groups_of_a_run_that_is_not_planted(tmp_path):
+    """Memorized = the D' samples that are the argmax of a U10(D') unit; val samples stay val."""
+    from tests.conftest import finish_run, unit_rows, write_run
+    from varjax.analysis import load_run
+    from varjax.analysis.intervention import groups
+
+    acts = np.random.default_rng(0).random((9, 24)) * 0.1 + 1.0
+    acts[0, [3, 4]] = acts[2, 20] = 50.0  # rows 0 and 2 (train) own the three most memorizing units
+    acts[7, 9] = 60.0  # a val sample's unit: not in D', so it makes no one memorized
+    write_run(tmp_path, acts, ["train"] * 6 + ["val"] * 3, unit_rows(2, 2), npz=True)
+    finish_run(tmp_path, depth=2)
+    data = load_run(tmp_path)
+    um = unitmem.unitmem_mean(data.stats["train"])
+    names, mem, planted = groups(data, um)
+    assert not planted and names.tolist() == ["memorized", "other", "memorized", "other", "other", "other",
+                                              "val", "val", "val"]
+    assert mem.tolist() == [True, False, True] + [False] * 6
+
+
 # -- the permutation tests -------------------------------------------------------------------
 
 def test_paired_test_matches_exact_enumeration():
