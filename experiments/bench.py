@@ -10,12 +10,17 @@ on whatever devices JAX finds. Prints one JSON line per measurement:
     python experiments/bench.py --config tiny --images-per-step 2 --steps 3
     python experiments/bench.py --precision-cost --config d16 --images 64
     python experiments/bench.py --variant bf16:fused:32 --variant tf32:einsum:16
+    python experiments/bench.py --config tiny --images-per-step 2 --against-xla-defaults
     python experiments/bench.py --generate --gen-batch 8 --precision highest --upstream PATH
 
 Each precision's first setting also times the tokenizer alone on one step's views (a
-"tokenizer" line), which shows how the step's time splits. `--precision-cost` then also runs
-the same images through every timed precision and compares each with `highest`: share of identical tokens, max relative error of mu, Spearman rank correlation of
-UnitMem, agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets.
+"tokenizer" line) and splits the step's time into tokenizer, teacher-forcing input,
+transformer, the recording's reductions and the rest (a "split" line, each part timed alone),
+so a regression shows where it is. The attention kernel defaults to `auto` (`blocked` on a
+CPU, see varjax/attention.py); rows name the kernel that ran. `--precision-cost` then also
+runs the same images through every timed precision and compares each with `highest`: share
+of identical tokens, max relative error of mu, Spearman rank correlation of UnitMem,
+agreement of the argmax over U10(highest), and the Jaccard index of the U10 sets.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from varjax import config as config_lib  # noqa: E402
-from varjax import generate as gen_lib  # noqa: E402
-from varjax import stats as stats_lib  # noqa: E402
-from varjax import unitmem  # noqa: E402
-from varjax.model import Model, init_params  # noqa: E402
-from varjax.record import PRECISIONS, Options, compile_step, make_step, unit_layout  # noqa: E402
-from varjax.var import ATTENTION  # noqa: E402
+from varjax import config as config_lib
+from varjax import generate as gen_lib
+from varjax import stats as stats_lib
+from varjax import unitmem
+from varjax.model import Model, init_params
+from varjax import attention as attention_lib
+from varjax.record import BF16_MODES, PRECISIONS, Options, compile_step, make_step, unit_layout
+from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect
+from varjax.var import ATTENTION, VAR
+from varjax.xla_options import jit
 
 # Dense peak TFLOP/s per precision mode (NVIDIA datasheets, SXM parts; "highest" is the
 # non-tensor-core float32 rate). docs/performance.md: ~790 bf16 on the H200 in practice.
@@ -136,12 +144,15 @@ def _compiled_mem_gib(compiled) -> float | None:
 
 
 def bench_one(model: Model, precision: str, images_per_step: int, views: int, steps: int, size: int,
-              attention: str = "einsum", cost_images: np.ndarray | None = None):
+              attention: str = "einsum", cost_images: np.ndarray | None = None,
+              against_xla_defaults: bool = False):
     """Time one compiled step at steady state; returns (JSON row, mu of `cost_images` or None).
 
     The step is compiled as a run that keeps activations (`save_activations`), so the same
     program also yields the per-sample mu that `precision_cost` compares; that costs one more
-    (B, U) output per step and nothing else.
+    (B, U) output per step and nothing else. `against_xla_defaults` also compiles the step as
+    it was before varjax chose its CPU kernels (XLA's defaults; `einsum` for `blocked`) and
+    times the two alternately, step by step, so both see the same machine load.
     """
     opts = Options(batch_size=images_per_step, precision=precision, attention=attention,
                    save_activations=True)
@@ -153,11 +164,26 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
                                               np.zeros(B, np.int32), np.ones(B, bool))]
     state, out = compiled(params, state, imgs, *rest)  # warm-up (first run allocates)
     jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, out = compiled(params, state, imgs, *rest)
-    jax.block_until_ready((state, out))
-    dt = time.perf_counter() - t0
+    ref_ips = None
+    if against_xla_defaults:
+        before = dataclasses.replace(opts, attention="einsum" if attention == "blocked" else attention)
+        ref = compile_step(model, views, before, (size, size), _empty_state(model), xla_defaults=True)
+        ref_state, out = ref.fn(ref.params, ref.state, imgs, *rest)
+        jax.block_until_ready(out)
+        dt = ref_dt = 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            state, out = jax.block_until_ready(compiled(params, state, imgs, *rest))
+            t1 = time.perf_counter()
+            ref_state, _ = jax.block_until_ready(ref.fn(ref.params, ref_state, imgs, *rest))
+            dt, ref_dt = dt + t1 - t0, ref_dt + time.perf_counter() - t1
+        ref_ips = B * steps / ref_dt
+    else:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, out = compiled(params, state, imgs, *rest)
+        jax.block_until_ready((state, out))
+        dt = time.perf_counter() - t0
     ips = B * steps / dt
     flops = step_flops(model, views, opts, size)
     dev = jax.devices()[0]
@@ -176,6 +202,8 @@ def bench_one(model: Model, precision: str, images_per_step: int, views: int, st
         "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "device": dev.device_kind, "devices": len(jax.devices()), **_versions(),
     }
+    if ref_ips is not None:
+        row.update(xla_defaults_images_per_s=round(ref_ips, 4), speedup_vs_xla_defaults=round(ips / ref_ips, 3))
     mu = None
     if cost_images is not None:
         mus = []
@@ -203,15 +231,75 @@ def tokenizer_one(model: Model, precision: str, images: np.ndarray, steps: int):
     compiled = tok.lower(flat).compile()
     compile_s = time.perf_counter() - t0
     tokens = np.asarray(compiled(flat))
-    t0 = time.perf_counter()
+    runs = []
     for _ in range(steps):
-        out = compiled(flat)
-    jax.block_until_ready(out)
-    dt = time.perf_counter() - t0
-    row = {"what": "tokenizer", "precision": precision, "views_per_s": round(len(flat) * steps / dt, 3),
-           "views_per_step": len(flat), "steps": steps, "compile_s": round(compile_s, 2),
-           "device": jax.devices()[0].device_kind, **_versions()}
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(flat))
+        runs.append(time.perf_counter() - t0)
+    row = {"what": "tokenizer", "precision": precision, "views_per_s": round(len(flat) * steps / sum(runs), 3),
+           "views_per_step": len(flat), "steps": steps, "best_s": round(min(runs), 4),
+           "compile_s": round(compile_s, 2), "device": jax.devices()[0].device_kind, **_versions()}
     return row, tokens
+
+
+def split_one(model: Model, precision: str, attention: str, tokens: np.ndarray, tokenizer_s: float,
+              steps: int, step_s: float) -> dict:
+    """Where one step's time goes, each part compiled and timed alone (best of `steps` runs) on
+    one step's views: tokenizer (`tokenizer_s`, from `tokenizer_one`, which made `tokens`
+    (views, L)), teacher-forcing input, the transformer without recording, the recording's
+    reductions (the transformer with the study's 48 sites, minus without; the two take
+    turns), and the rest of the step (`step_s`: loss, statistics). Parts compiled apart need
+    not add up exactly to the fused step, and on a busy machine a small difference can come
+    out negative or large: rerun with more --steps."""
+    from varjax.record import _precision
+    from varjax.taps import NO_TAPS
+    from varjax.vqvae import VQVAE
+
+    cfg, params = model.config, model.params
+    dtype = jnp.bfloat16 if precision in BF16_MODES else jnp.float32
+
+    @jit
+    def var_input(tokens):
+        with _precision(precision, "vqvae"):
+            return model.vqvae.apply({"params": params["vqvae"]}, tokens, cfg.patch_nums, method=VQVAE.var_input)
+
+    def transformer(taps):
+        var = VAR(cfg.var, taps, dtype=dtype, attention=attention)
+
+        @jit
+        def forward(labels, x):
+            with _precision(precision, "var"):
+                logits, sown = var.apply({"params": params["var"]}, labels, x, None, mutable=[COLLECTION])
+            return logits, collect(sown.get(COLLECTION, {}))
+        return forward
+
+    ends = np.cumsum([p * p for p in cfg.patch_nums])[:-1]
+    per_scale = tuple(jax.device_put(t) for t in np.split(tokens, ends, axis=1))
+    labels = jnp.zeros(len(tokens), jnp.int32)
+    x = var_input(per_scale)
+    bare, with_taps = _best({"bare": (transformer(NO_TAPS), (labels, x)),
+                             "taps": (transformer(TapConfig(sites=UNIT_SITES)), (labels, x))}, steps).values()
+    seconds = {"tokenizer_s": tokenizer_s, "var_input_s": _best({"x": (var_input, (per_scale,))}, steps)["x"],
+               "transformer_s": bare, "reductions_s": with_taps - bare}
+    seconds["rest_s"] = step_s - with_taps - seconds["tokenizer_s"] - seconds["var_input_s"]
+    return {"what": "split", "precision": precision, "attention": attention, "views_per_step": len(tokens),
+            "step_s": round(step_s, 4), **{k: round(v, 4) for k, v in seconds.items()},
+            **{k.replace("_s", "_share"): round(v / step_s, 3) for k, v in seconds.items()},
+            "device": jax.devices()[0].device_kind, **_versions()}
+
+
+def _best(fns: dict, steps: int) -> dict:
+    """{name: seconds of the fastest of `steps` runs} for fns {name: (fn, args)}, after one
+    warm-up run each; the functions take turns, so a change of machine load hits them alike."""
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    best = {name: float("inf") for name in fns}
+    for _ in range(steps):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def precision_cost(ref: tuple, got: tuple, precision: str, attention: str, n_images: int, views: int) -> dict:
@@ -248,7 +336,7 @@ def _token_fn(model: Model, precision: str):
 
     vqvae = tokenizer(model, precision)
 
-    @jax.jit
+    @jit
     def tok(images):
         with _precision(precision, "vqvae"):
             t = vqvae.apply({"params": model.params["vqvae"]}, images, model.config.patch_nums,
@@ -278,7 +366,7 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=8, help="augmentations per image")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     ap.add_argument("--attention", action="append", choices=ATTENTION,
-                    help="attention kernel to time (repeatable; default einsum)")
+                    help="attention kernel to time (repeatable; default auto: blocked on a CPU)")
     ap.add_argument("--variant", action="append", type=_variant, metavar="P:A:B",
                     help="time exactly these precision:attention:images-per-step settings "
                          "(repeatable; replaces the --precision x --attention grid)")
@@ -287,6 +375,12 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=64, help="images for --precision-cost")
     ap.add_argument("--skip-tokenizer", action="append", choices=PRECISIONS, metavar="PRECISION",
                     help="no tokenizer-alone timing (nor token comparison) for this precision (repeatable)")
+    ap.add_argument("--against-xla-defaults", action="store_true",
+                    help="also time each step as compiled before varjax chose its CPU kernels (XLA's "
+                         "defaults, einsum attention), alternating step by step: the before/after")
+    ap.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                    help="with each tokenizer line, time the step's parts alone (a 'split' line; "
+                         "three more compilations per precision)")
     gen = ap.add_argument_group("generation (--generate): the sampler, decode included")
     gen.add_argument("--generate", action="store_true", help="time the sampler instead of the recording pass")
     gen.add_argument("--gen-batch", type=int, action="append", help="images per call (repeatable; default 1, 8, 64)")
@@ -299,9 +393,7 @@ def main(argv=None) -> int:
     if args.generate:
         return _generate(args)
     variants = args.variant or [(p, a, args.images_per_step) for p in (args.precision or PRECISIONS)
-                                for a in (args.attention or ("einsum",))]
-    if args.precision_cost and ("highest", "einsum") not in {(p, a) for p, a, _ in variants}:
-        variants.insert(0, ("highest", "einsum", variants[0][2]))  # the reference first
+                                for a in (args.attention or ("auto",))]
     n_dev = len(jax.devices())
     for _, _, b in variants:
         if b % n_dev:
@@ -316,6 +408,13 @@ def main(argv=None) -> int:
     else:
         cfg = config_lib.PRESETS[args.config]()
         model = Model(cfg, init_params(cfg, seed=0))
+    def kernel(precision: str, attention: str) -> str:  # rows name the kernel that ran
+        dtype = jnp.bfloat16 if precision in BF16_MODES else jnp.float32
+        return attention_lib.resolve(attention, dtype, cfg.patch_nums)
+
+    variants = [(p, kernel(p, a), b) for p, a, b in variants]
+    if args.precision_cost and "highest" not in {p for p, _, _ in variants}:
+        variants.insert(0, ("highest", kernel("highest", "auto"), variants[0][2]))  # the reference
     cost_imgs = _synthetic_images(args.images, args.views, cfg.resolution, seed=1) if args.precision_cost else None
     tokens = {}  # precision -> tokens of the tokenizer-alone run
     results, reported = {}, set()  # (precision, attention) -> (mu, tokens); cost rows printed
@@ -324,7 +423,7 @@ def main(argv=None) -> int:
         first = args.precision_cost and (precision, attention) not in results
         try:
             row, mu = bench_one(model, precision, b, args.views, args.steps, cfg.resolution, attention,
-                                cost_imgs if first else None)
+                                cost_imgs if first else None, args.against_xla_defaults)
         except Exception as e:  # noqa: BLE001 - one failed setting must not lose the others
             failed += 1
             print(json.dumps({"config": args.config, "what": "error", "precision": precision,
@@ -338,10 +437,14 @@ def main(argv=None) -> int:
             src = cost_imgs if cost_imgs is not None else _synthetic_images(b, args.views, cfg.resolution)
             trow, tokens[precision] = tokenizer_one(model, precision, src[:b], args.steps)
             print(json.dumps({"config": args.config, **trow}), flush=True)
+            if args.split:
+                srow = split_one(model, precision, attention, tokens[precision], trow["best_s"], args.steps,
+                                 b / row["images_per_s"])
+                print(json.dumps({"config": args.config, **srow}), flush=True)
         if first:
             results[(precision, attention)] = (mu, tokens.get(precision))
             # each row as soon as it and highest are in (a run cut short keeps what it has)
-            ref = results.get(("highest", "einsum"))
+            ref = next((v for k, v in results.items() if k[0] == "highest"), None)  # the first highest
             for key in [k for k in results if ref is not None and k not in reported]:
                 reported.add(key)
                 cost_row = precision_cost(ref, results[key], *key, args.images, args.views)
@@ -391,26 +494,14 @@ def _upstream(path: str, model: Model, sampling: gen_lib.Sampling, batch: int):
     """A function that runs upstream's autoregressive_infer_cfg once on `model`'s weights."""
     import torch
 
-    sys.path.insert(0, str(Path(path).resolve()))
-    from models import VAR, VQVAE  # upstream's package
+    if __package__:
+        from experiments.bench_upstream import build_upstream, import_upstream
+    else:  # run as a script: experiments/ is on the path
+        from bench_upstream import build_upstream, import_upstream
 
-    cfg = model.config
-    v, q = cfg.var, cfg.vqvae
-    if (q.ch_mult, q.num_res_blocks) != ((1, 1, 2, 2, 4), 2):
-        raise ValueError("upstream's VQVAE has ch_mult (1, 1, 2, 2, 4) and 2 blocks per level; this config differs")
-    # Upstream's build_vae_var fixes width = 64 * depth; the constructors take any config.
     with contextlib.redirect_stdout(sys.stderr):  # upstream prints its config; stdout is for JSON lines
-        vae = VQVAE(vocab_size=q.vocab_size, z_channels=q.z_channels, ch=q.ch, share_quant_resi=q.share_quant_resi,
-                    quant_resi=q.quant_resi, v_patch_nums=cfg.patch_nums, test_mode=True)
-        var = VAR(vae_local=vae, num_classes=v.num_classes, depth=v.depth, embed_dim=v.embed_dim,
-                  num_heads=v.num_heads, mlp_ratio=v.mlp_ratio, norm_eps=v.norm_eps, shared_aln=v.shared_aln,
-                  attn_l2_norm=v.attn_l2_norm, patch_nums=cfg.patch_nums, flash_if_available=False,
-                  fused_if_available=False)
-    for module, part in ((vae, "vqvae"), (var, "var")):
-        _load_into(module, model.params[part])
-    vae.eval()
-    var.eval()
-    labels = torch.tensor(_labels(batch, v.num_classes))
+        _, var = build_upstream(import_upstream(Path(path).resolve()), model.config, model.params)
+    labels = torch.tensor(_labels(batch, model.config.var.num_classes))
 
     def call():
         with torch.inference_mode():
@@ -418,28 +509,6 @@ def _upstream(path: str, model: Model, sampling: gen_lib.Sampling, batch: int):
                                          top_p=sampling.top_p, more_smooth=sampling.more_smooth)
 
     return call
-
-
-def _load_into(module, params) -> None:
-    """Our parameter tree -> a torch module's state_dict, by the converter's rule inverted."""
-    import torch
-
-    from convert.mapping import entry, is_ignored
-
-    state = {}
-    for key, tensor in module.state_dict().items():
-        if is_ignored(key):
-            continue
-        e = entry(key, tensor.ndim)
-        value = params
-        for part in e.path:
-            value = value[part]
-        value = np.asarray(value)
-        if e.axes:
-            value = np.transpose(value, np.argsort(e.axes))
-        state[key] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    assert not unexpected and all(is_ignored(k) for k in missing), (missing, unexpected)
 
 
 def _row(what: str, times: list[float], batch: int, extra: dict) -> dict:

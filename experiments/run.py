@@ -36,10 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="highest: float32 (parity); tf32: TF32 matmuls and convolutions; bf16: the "
                          "transformer in bfloat16, tokenizer TF32 (upstream's training setup); "
                          "bf16_full: the tokenizer's encoder in bfloat16 too (README: what each costs)")
-    ap.add_argument("--attention", choices=("auto", "einsum", "fused", "cudnn"), default="auto",
-                    help="attention kernel: spelled-out softmax (parity), jax.nn.dot_product_attention "
+    ap.add_argument("--attention", choices=("auto", "einsum", "blocked", "fused", "cudnn"), default="auto",
+                    help="attention kernel: spelled-out softmax (parity), the same by scale groups and "
+                         "one head at a time (blocked: fast on a CPU), jax.nn.dot_product_attention "
                          "(XLA), or the same through cuDNN's flash kernel (GPU, a bf16 precision); "
-                         "auto: cudnn where it can run, else einsum (all compute the same function)")
+                         "auto: cudnn where it can run, blocked on a CPU (256+ px pyramids), else "
+                         "einsum (all compute the same function)")
     ap.add_argument("--save-activations", action=argparse.BooleanOptionalAction,
                     help="also write the full (N x units) activations.npy (enables the median variant)")
     ap.add_argument("--per-scale", action=argparse.BooleanOptionalAction, help="per-scale unit statistics")

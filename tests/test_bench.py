@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,11 @@ def test_throughput_line_has_every_field():
     (row,) = [r for r in rows if r["what"] == "throughput"]
     (tok,) = [r for r in rows if r["what"] == "tokenizer"]
     assert tok["views_per_step"] == 4 and tok["views_per_s"] > 0
+    (split,) = [r for r in rows if r["what"] == "split"]
+    assert split["attention"] == row["attention"] and split["step_s"] > 0
+    parts = ("tokenizer_s", "var_input_s", "transformer_s", "reductions_s", "rest_s")
+    assert all(split[k] > 0 for k in parts[:3])
+    assert sum(split[k] for k in parts) == pytest.approx(split["step_s"], abs=1e-3)
     for key in ("images_per_s", "views_per_s", "compile_s", "tflop_per_s", "gflop_per_view",
                 "peak_device_mem_gib", "device", "jax", "precision"):
         assert key in row, key
@@ -34,7 +41,7 @@ def test_precision_cost_compares_against_highest():
                   "--images-per-step", "4", "--precision", "bf16")
     by = {r["precision"]: r for r in rows if r["what"] == "precision_cost"}
     assert set(by) == {"highest", "bf16"}
-    assert {r["what"] for r in rows} == {"throughput", "tokenizer", "precision_cost"}
+    assert {r["what"] for r in rows} == {"throughput", "tokenizer", "split", "precision_cost"}
     ref = by["highest"]
     assert ref["identical_tokens"] == 1.0 and ref["mu_max_rel_err"] == 0.0 and ref["u10_jaccard"] == 1.0
     # bf16 is not float32: its mu must differ (a mode that silently ran in float32 fails here)
@@ -99,6 +106,42 @@ def test_d16_costs_what_upstream_counted():
     assert fused / 2 == per_view  # every kernel is counted on the same algebra
 
 
+def test_bench_upstream_refuses_a_path_that_is_no_checkout(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_upstream.py"), "--upstream",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "not a FoundationVision/VAR checkout" in res.stderr
+    assert res.stderr.count("\n") == 1 and not res.stdout
+
+
+def test_cpu_kernel_rows_compare_like_with_like():
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_cpu_kernels.py"), "--part",
+                          "attention", "--images", "1", "--reps", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    rows = {r["impl"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert {"einsum", "blocked", "torch_sdpa"} <= set(rows)
+    # the same function: blocked and torch's kernel agree with the spelled-out softmax
+    assert all(r["max_abs_diff"] < 1e-5 and r["min_s"] > 0 for r in rows.values())
+
+
+def test_profile_attributes_the_traced_time():
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "profile_cpu.py"), "--config", "micro",
+                          "--call", "teacher_forced"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    (row,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert row["by_op_ms"]["dot_general"] > 0 and any("ffn" in k for k in row["by_module_ms"])
+    assert 0 < row["attributed_ms"] <= row["traced_wall_ms"] * 2  # thunks may overlap on 2 threads
+
+
+def test_against_xla_defaults_times_both_programs():
+    rows = _bench("--config", "micro", "--images-per-step", "2", "--views", "2", "--steps", "1",
+                  "--precision", "highest", "--against-xla-defaults", "--no-split")
+    (row,) = [r for r in rows if r["what"] == "throughput"]
+    assert row["xla_defaults_images_per_s"] > 0
+    assert row["speedup_vs_xla_defaults"] == pytest.approx(row["images_per_s"] / row["xla_defaults_images_per_s"], rel=1e-2)
+    assert not [r for r in rows if r["what"] == "split"]
+
+
 def test_generation_rows():
     rows = _bench("--generate", "--config", "micro", "--gen-batch", "2", "--reps", "2", "--precision", "highest",
                   "--top-k", "10")
@@ -131,3 +174,22 @@ def test_generation_flops_split_as_expected():
     transformer = guided - plain
     assert 280 < transformer < 310  # teacher forcing: 310 with the full masked L x L attention
     assert abs(plain - transformer - decoder) < 1.0  # the rest is the decoder (f_hat updates are tiny)
+
+
+def test_parity_upstream_refuses_a_path_that_is_no_checkout(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "parity_upstream.py"), "--upstream",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 2 and "not a FoundationVision/VAR checkout" in res.stderr
+    assert res.stderr.count("\n") == 1 and not res.stdout
+
+
+def test_parity_upstream_cases_are_valid_models():
+    """Every case is a model varjax builds, and differs from the fixtures' shape."""
+    from experiments import parity_upstream
+    from varjax import config as config_lib
+    from varjax.model import param_shapes
+
+    for name, make in parity_upstream.CASES.items():
+        cfg = make()
+        assert cfg != config_lib.tiny() and cfg.var.vocab_size == cfg.vqvae.vocab_size, name
+        assert param_shapes(cfg)["var"], name

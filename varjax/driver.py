@@ -11,7 +11,9 @@
   continues from there; rows past the checkpoint are recomputed and overwritten, so the end
   result equals an uninterrupted run. A finished run returns at once.
 - Host memory is O(units) unless activations are saved, and then rows go straight to a
-  memory-mapped `activations.npy`; device memory does not grow with N.
+  memory-mapped `activations.npy`; device memory does not grow with N. With membership
+  scores (record.Options.membership) their rows and the view's tokens (`view_tokens.npy`)
+  are written the same way, and `membership.csv` at the end.
 """
 
 from __future__ import annotations
@@ -356,7 +358,7 @@ def record(model: Model, plan: Plan, out_dir: Path | str, num_views: int, opts: 
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad settings above leave nothing behind
     step = compile_step(model, num_views, opts, image_shape or (model.config.resolution,) * 2, resume.state,
-                        plan.center_view)
+                        center_view=plan.center_view)
     mia_cols = tuple(fp["membership"]["columns"]) if "membership" in fp else ()
     rows = _Rows(out, plan, layout.n_units, K, opts.save_activations, resume, step.batch_sharding, mia_cols,
                  model.config.var.seq_len)

@@ -261,14 +261,13 @@ def _continue(model, scaling, tokens_K, labels, ids, prefixes, res: _Results, cf
 
 
 def _rows_csv(data, cand: Candidates, prefixes, res: _Results, cfg: ExtractConfig, L: int):
-    measure = res.sscd if cfg.sscd else res.ssim
-    thr = extraction.SSCD_THRESHOLD if cfg.sscd else cfg.ssim_threshold
+    # Published: SSCD cosine > 0.75; the offline stand-in: SSIM >= the threshold.
+    extracted = res.sscd > extraction.SSCD_THRESHOLD if cfg.sscd else res.ssim >= cfg.ssim_threshold
     for p, k in enumerate(prefixes):
         for j, r in enumerate(cand.rows):
             yield [int(data.ids[r]), data.split[r], int(data.label[r]), data.source[r], k, int(res.identical[p, j]),
                    f"{res.identical[p, j] / L:.6g}", f"{res.free[p, j]:.6g}", f"{res.ssim[p, j]:.6g}",
-                   "" if not cfg.sscd else f"{res.sscd[p, j]:.6g}", int(measure[p, j] > thr if cfg.sscd
-                                                                     else measure[p, j] >= thr),
+                   "" if not cfg.sscd else f"{res.sscd[p, j]:.6g}", int(extracted[p, j]),
                    int(cand.candidate[j]), cfg.rank, f"{cand.score[j]:.6g}", int(cand.class_rank[j])]
 
 

@@ -41,6 +41,7 @@ from varjax.precision import matmul_scope
 from varjax.scaling import UnitScaling, prepare
 from varjax.taps import COLLECTION, NO_TAPS, TapConfig, collect
 from varjax.var import ATTENTION, CACHE, VAR, scale_begin
+from varjax.xla_options import compiler_options
 from varjax.vqvae import VQVAE
 
 PRECISIONS = ("highest", "tf32", "bf16")  # bf16_full only concerns the encoder, unused here
@@ -211,7 +212,7 @@ def compile_sampler(model, program: Program, batch: int) -> CompiledSampler:
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     fn = jax.jit(make_sampler(model.config, program), in_shardings=(repl, data, data, repl, repl, repl, data, data),
-                 out_shardings=data)
+                 out_shardings=data, compiler_options={} if model.xla_defaults else compiler_options())
     pn = model.config.patch_nums
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32, sharding=repl), model.params)
     ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)
@@ -233,7 +234,7 @@ def compiled_for(model, program: Program, batch: int) -> CompiledSampler:
     compiled on first use and kept (the last few programs)."""
     n = len(jax.devices())
     batch = -(-batch // n) * n
-    key = (model.config, program, batch, tuple(jax.devices()), jax.config.jax_default_matmul_precision)
+    key = (model.config, program, batch, model.xla_defaults, tuple(jax.devices()), jax.config.jax_default_matmul_precision)
     if key not in _COMPILED:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.pop(next(iter(_COMPILED)))

@@ -6,8 +6,9 @@
     recon = model.decode(tokens)                       # (B, H, W, 3) float32 in [-1, 1]
     tokens = model.generate(labels, cfg=1.5, top_k=900, top_p=0.96, seed=0)  # the sampler
 
-Each call is jit-compiled once per input shape. Computation follows
-`jax.default_matmul_precision` at the call site ('highest' for parity, see tests).
+Each call is jit-compiled once per input shape, with varjax's XLA options (varjax/xla_options.py).
+Computation follows `jax.default_matmul_precision` at the call site ('highest' for parity, see
+tests). The attention kernel is the backend's (`attention="auto"`: `blocked` on a CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from varjax.scaling import UnitScaling, prepare
 from varjax.taps import COLLECTION, TapConfig, collect
 from varjax.var import VAR
 from varjax.vqvae import VQVAE
+from varjax.xla_options import jit
 
 
 @dataclasses.dataclass
@@ -35,11 +37,19 @@ class Model:
     config: ModelConfig
     params: dict[str, Any]
     taps: TapConfig = TapConfig()
+    attention: str = "auto"  # the transformer's attention kernel (varjax/attention.py)
+    # Compile with XLA's own CPU kernels instead of varjax's choice (varjax/xla_options.py):
+    # the rounding of results computed before that choice existed, bit for bit.
+    xla_defaults: bool = False
 
     def __post_init__(self):
         self.vqvae = VQVAE(self.config.vqvae) if self.config.vqvae is not None else None
-        self.var = VAR(self.config.var, self.taps) if self.config.var is not None else None
+        self.var = (VAR(self.config.var, self.taps, attention=self.attention)
+                    if self.config.var is not None else None)
         self._placed: tuple | None = None  # (params id, sharding, params on devices)
+
+    def _jit(self, fn):
+        return fn.xla_defaults if self.xla_defaults else fn
 
     def _need(self, part: str):
         if getattr(self, part) is None:
@@ -53,17 +63,17 @@ class Model:
         images = jnp.asarray(images)
         if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"tokenize wants uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}")
-        return _tokenize(self.vqvae, self.config.patch_nums, self.params["vqvae"], images)
+        return self._jit(_tokenize)(self.vqvae, self.config.patch_nums, self.params["vqvae"], images)
 
     def var_input(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
         """Token indices -> the teacher-forcing input (B, L - 1, Cv)."""
         self._need("vqvae")
-        return _var_input(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+        return self._jit(_var_input)(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     def decode(self, tokens: Sequence[jnp.ndarray]) -> jnp.ndarray:
         """Token indices -> VQVAE reconstruction, float32 (B, H, W, 3) in [-1, 1]."""
         self._need("vqvae")
-        return _decode(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
+        return self._jit(_decode)(self.vqvae, self.config.patch_nums, self.params["vqvae"], tuple(tokens))
 
     # -- the transformer ------------------------------------------------------------------
     def teacher_forced(self, labels, tokens: Sequence[jnp.ndarray], drop=None, reduction: str = "mean_abs",
@@ -86,7 +96,7 @@ class Model:
         labels = jnp.asarray(labels, jnp.int32)
         x = self.var_input(tokens)
         var, params = prepare(self.var, self.params["var"], unit_scaling)
-        logits, taps = _teacher_forced(var, params, labels, x, drop)
+        logits, taps = self._jit(_teacher_forced)(var, params, labels, x, drop)
         return logits, collect(taps, reduction)
 
     def generate(self, labels, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
@@ -123,22 +133,22 @@ class Model:
 
 
 # Module objects are hashable dataclasses, so they can be static jit arguments.
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _tokenize(vqvae: VQVAE, patch_nums, params, images):
     return vqvae.apply({"params": params}, images, patch_nums, method=VQVAE.tokenize)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _var_input(vqvae: VQVAE, patch_nums, params, tokens):
     return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.var_input)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jit, static_argnums=(0, 1))
 def _decode(vqvae: VQVAE, patch_nums, params, tokens):
     return vqvae.apply({"params": params}, tokens, patch_nums, method=VQVAE.decode)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jit, static_argnums=(0,))
 def _teacher_forced(var: VAR, params, labels, x, drop):
     logits, state = var.apply({"params": params}, labels, x, drop, mutable=[COLLECTION])
     return logits, state.get(COLLECTION, {})

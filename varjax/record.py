@@ -6,7 +6,10 @@ study's method, docs/unitmem.md). One compiled step tokenizes the views, builds 
 teacher-forcing input, runs the transformer, reduces the sown units and folds them into the
 streaming statistics of `varjax.stats`, all on the device; the batch is sharded over every
 device of every host, parameters are replicated. By-products of the same forward: per-sample
-teacher-forced cross-entropy and top-1 token accuracy, overall and per scale.
+teacher-forced cross-entropy and top-1 token accuracy, overall and per scale; with
+`Options.membership`, on upstream's validation view appended to the views (or the one view
+of deterministic mode), the membership scores and the extraction candidates' statistic of
+varjax.membership and that view's tokens.
 
 Replaces the study's notebook (forward hooks, one image's 8 views per batch, `.cpu()` per
 layer). Shape letters: B images per step, A views, U units, K scales, L tokens, V vocabulary.
@@ -37,6 +40,7 @@ from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_
 from varjax.var import ATTENTION, VAR
 from varjax import membership as mia
 from varjax.membership import MODES as MEMBERSHIP_MODES
+from varjax.xla_options import compiler_options
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -160,8 +164,10 @@ class Options:
     class_dropout: float = 0.0
     seed: int = 0
     checkpoint_every: int = 20  # steps between progress saves
-    # "einsum" (spelled-out softmax, the parity path), "fused" (jax.nn.dot_product_attention,
-    # XLA's lowering) or "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only)
+    # "einsum" (spelled-out softmax, the parity path), "blocked" (the same by scale groups and
+    # one head at a time: the CPU's kernel), "fused" (jax.nn.dot_product_attention, XLA's
+    # lowering), "cudnn" (the same through cuDNN's flash kernel: GPU and bf16 only) or "auto"
+    # (per backend, varjax/attention.py `resolve`)
     attention: str = "einsum"
     # The recording sites (varjax.names.SITES), kept in canonical order: the study's three by
     # default; `head_nm`, `head` and `resid` are the others the study names.
@@ -333,19 +339,21 @@ class CompiledStep:
 
 
 def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple[int, int],
-                 state: dict, center_view: int | None = None) -> CompiledStep:
+                 state: dict, xla_defaults: bool = False, center_view: int | None = None) -> CompiledStep:
     """Jit `make_step` with the batch sharded and parameters and statistics replicated, and
     compile it ahead of time (so compile time is reported apart from steady-state speed).
 
     Args:
       image_shape: (H, W) of the views; opts.batch_size: images per step over all devices.
       state: host statistics (`varjax.stats.init_state` or a resumed checkpoint).
+      xla_defaults: compile with XLA's own CPU kernels, not varjax/xla_options.py's choice.
       center_view: the plan's center view (see make_step).
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     step = jax.jit(make_step(model, num_views, opts, center_view), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,))
+                   out_shardings=(repl, data), donate_argnums=(1,),
+                   compiler_options={} if xla_defaults else compiler_options())
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape

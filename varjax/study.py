@@ -186,15 +186,16 @@ def _select(cfg: StudyConfig, model):
 
 
 def _record_options(cfg: StudyConfig, model):
-    import jax
+    import jax.numpy as jnp
 
+    from varjax import attention as attention_lib
     from varjax.record import Options
     from varjax.scaling import UnitScaling
 
-    attention = cfg.attention
-    if attention == "auto":
-        attention = ("cudnn" if cfg.precision in ("bf16", "bf16_full") and jax.default_backend() == "gpu"
-                     else "einsum")
+    # the concrete kernel ("auto": cuDNN's for bf16 on a GPU, blocked on a CPU), so run.json
+    # names what ran
+    dtype = jnp.bfloat16 if cfg.precision in ("bf16", "bf16_full") else jnp.float32
+    attention = attention_lib.resolve(cfg.attention, dtype, model.config.patch_nums)
     scaling = None
     if cfg.scale_units:
         scaling = UnitScaling.from_file(cfg.scale_units, model.config.var, cfg.scale_factor, cfg.scale_mode,
@@ -252,11 +253,11 @@ def run(config: StudyConfig) -> tuple[Path, dict | None]:
     plan = Plan.from_samples(source, samples, augment, seed=cfg.seed, on_error=cfg.on_error,
                              num_workers=cfg.workers, threads=cfg.threads)
     out = Path(cfg.out)  # created by `record`, once the settings are checked
+    opts = _record_options(cfg, model)  # reads --scale-units: a bad file is refused before any output
     main_process = jax.process_index() == 0
     if main_process:
         counts = {sp: sum(s.split == sp for s in samples) for sp in splits}
         _log(f"[run] {model_name}: {len(samples)} images ({counts}) x {cfg.augs} views -> {out}")
-    opts = _record_options(cfg, model)
     info = record(model, plan, out, cfg.augs, opts, image_shape=(res, res))
     if not main_process:
         return out, None

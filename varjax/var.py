@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varjax import attention as attention_lib
 from varjax.config import VARConfig
 from varjax.scaling import UnitScaling, scale_output
 from varjax.taps import TapConfig, tap
@@ -51,7 +52,7 @@ def _dense(features: int, dtype, use_bias: bool = True, name: str | None = None)
                     kernel_init=nn.initializers.truncated_normal(0.02), name=name)
 
 
-ATTENTION = ("einsum", "fused", "cudnn")
+ATTENTION = ("einsum", "blocked", "fused", "cudnn", "auto")
 
 
 class SelfAttention(nn.Module):
@@ -60,8 +61,9 @@ class SelfAttention(nn.Module):
     `attention`: "einsum" spells the softmax out (float32 logits; the parity path), "fused"
     calls `jax.nn.dot_product_attention` with XLA's own lowering (the same algebra, the
     softmax in the input dtype), "cudnn" the same function through cuDNN's fused flash kernel
-    (an NVIDIA GPU and bfloat16 `dtype` only; the mask goes in as an additive bias). All three
-    compute the same function.
+    (an NVIDIA GPU and bfloat16 `dtype` only; the mask goes in as an additive bias), "blocked"
+    the einsum path by scale groups and one head at a time (the CPU's kernel,
+    varjax/attention.py). All compute the same function; "auto" picks one per backend.
 
     With `cache_at` (the sampler, one scale at a time) x_BLC holds the l tokens of one scale,
     starting at sequence position `cache_at`; their keys and values are written into the
@@ -97,12 +99,15 @@ class SelfAttention(nn.Module):
             scale = 1.0  # Upstream: softmax scale 1 with attn_l2_norm, NOT 1/sqrt(c).
         else:
             scale = 0.25 / np.sqrt(hd)
+        kind = attention_lib.resolve(self.attention, self.dtype, c.patch_nums)
         if cache_at is not None:
-            out = self._attend_cached(q, k, v, cache_at, scale).reshape(B, L, C)
-        elif self.attention in ("fused", "cudnn"):
+            out = self._attend_cached(q, k, v, cache_at, scale, kind).reshape(B, L, C)
+        elif kind in ("fused", "cudnn"):
             out = jax.nn.dot_product_attention(
                 q, k, v, mask=mask_LL[None, None], scale=scale,
-                implementation="cudnn" if self.attention == "cudnn" else None).reshape(B, L, C)
+                implementation="cudnn" if kind == "cudnn" else None).reshape(B, L, C)
+        elif kind == "blocked":
+            out = attention_lib.blocked(q, k, v, mask_LL, c.patch_nums, scale, self.dtype)
         else:
             logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
             logits = jnp.where(mask_LL, logits, -jnp.inf)
@@ -114,13 +119,14 @@ class SelfAttention(nn.Module):
         tap(self, self.taps, "attn.proj", out, c.patch_nums, self.block)
         return out
 
-    def _attend_cached(self, q_BlHc, k_BlHc, v_BlHc, start: int, scale: float) -> jnp.ndarray:
+    def _attend_cached(self, q_BlHc, k_BlHc, v_BlHc, start: int, scale: float, kind: str) -> jnp.ndarray:
         """One scale's attention through the cache: write its keys and values at `start`,
-        attend to every cached position before start + l. Returns (B, l, H, c)."""
+        attend to every cached position before start + l. `kind`: the resolved kernel; one
+        scale needs no mask, so "blocked" is the einsum path here. Returns (B, l, H, c)."""
         B, l, H, hd = q_BlHc.shape
         end, L = start + l, self.config.seq_len
         put = jax.lax.dynamic_update_slice
-        if self.attention == "einsum":
+        if kind in ("einsum", "blocked"):
             # Keys as (B, H, c, L) and values as (B, H, L, c): the layouts the two products
             # read, so the cache is written in place and never transposed.
             ck = self.variable(CACHE, "k", jnp.zeros, (B, H, hd, L), k_BlHc.dtype)
@@ -135,7 +141,7 @@ class SelfAttention(nn.Module):
         ck.value = put(ck.value, k_BlHc, (0, start, 0, 0))
         cv.value = put(cv.value, v_BlHc, (0, start, 0, 0))
         return jax.nn.dot_product_attention(q_BlHc, ck.value[:, :end], cv.value[:, :end], scale=scale,
-                                            implementation="cudnn" if self.attention == "cudnn" else None)
+                                            implementation="cudnn" if kind == "cudnn" else None)
 
 
 def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:

@@ -21,11 +21,41 @@ from varjax import resize
 from varjax.config import VQVAEConfig
 
 
-def _norm(name: str | None = None, dtype=jnp.float32) -> nn.GroupNorm:
-    # Upstream `Normalize`: GroupNorm(32, eps=1e-6, affine). The two-pass variance matches
-    # PyTorch; flax's default one-pass E[x^2]-E[x]^2 loses digits on large activations.
-    # Statistics are computed in float32 whatever `dtype` (the output's) is.
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
+class GroupNorm(nn.Module):
+    """Upstream `Normalize`: GroupNorm(32 groups, eps=1e-6, affine), statistics in float32.
+
+    Two-pass variance, as PyTorch (flax's fast E[x^2]-E[x]^2 loses digits on large
+    activations). Each statistic is summed per channel over all positions first, then over
+    the channels of a group: the reduction keeps the contiguous channel axis, which XLA's CPU
+    reductions run faster than one over (positions, group channels), and the squared
+    deviations are never written out (`experiments/bench_cpu_kernels.py --part groupnorm`).
+    The output is cast to `dtype`.
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+        B, H, W, C = x_BHWC.shape
+        G = self.num_groups
+        scale_C = self.param("scale", nn.initializers.ones, (C,))
+        bias_C = self.param("bias", nn.initializers.zeros, (C,))
+        x = x_BHWC.astype(jnp.float32)
+        n = H * W * (C // G)
+
+        def group_mean(v_BHWC):  # (B, H, W, C) -> (B, C): each channel's group mean
+            sums = jnp.sum(v_BHWC, axis=(1, 2)).reshape(B, G, C // G).sum(axis=-1)  # (B, groups)
+            return jnp.repeat(sums / n, C // G, axis=1)
+
+        d = x - group_mean(x)[:, None, None, :]
+        mul_BC = jax.lax.rsqrt(group_mean(jnp.square(d)) + self.epsilon) * scale_C
+        return (d * mul_BC[:, None, None, :] + bias_C).astype(self.dtype)
+
+
+def _norm(name: str | None = None, dtype=jnp.float32) -> GroupNorm:
+    return GroupNorm(dtype=dtype, name=name)
 
 
 def _conv(features: int, kernel: int = 3, name: str | None = None, dtype=jnp.float32) -> nn.Conv:

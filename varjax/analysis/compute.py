@@ -233,7 +233,8 @@ def compute(data: RunData, variant: str = "mean", q: float = 90.0, top_k: int = 
     d_all = None
     if "val" in data.stats and primary == "train":
         d_all = _d_all(data, variant, q, n_permutations, seed, say)
-    say("membership inference") if data.membership is not None else None
+    if data.membership is not None:
+        say("membership inference")
     membership = analyze_membership(data, d_all.dataset.nmu if d_all else None,
                                     np.flatnonzero(np.isin(data.split, ["train", "val"])) if d_all else None)
     diversity, classes, scale_depth = _beyond(data, main, st.argmax, label_of_unit, per_scale, q, top_k,

@@ -1,0 +1,121 @@
+"""Where one call's time goes on the CPU: a jax.profiler trace, summed per op kind and module.
+
+    python experiments/profile_cpu.py --config d16 --call tokenize
+    python experiments/profile_cpu.py --config d16 --call teacher_forced --xla-defaults
+
+Compiles `Model.tokenize` or `Model.teacher_forced` (random weights, synthetic images, float32
+at highest precision), runs it twice, then once under `jax.profiler.trace`, and sums the
+traced time of XLA:CPU's thunks by the jax op that made them (`conv_general_dilated`,
+`dot_general`, ...) and by Flax module path (`encoder/down_0/block_N/conv1`, block indices
+folded). Prints one JSON object. Thunks that run asynchronously (Eigen's convolutions, which
+varjax's options choose) are not traced one by one: their time is the traced total minus the
+attributed part ("unattributed_ms"). `--xla-defaults` compiles with XLA's own kernels and the
+einsum attention (varjax.Model `xla_defaults`), as before varjax chose them. The trace is
+left in `--out` (perfetto_trace.json.gz, for ui.perfetto.dev).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varjax import config as config_lib
+from varjax.model import Model, _teacher_forced, _tokenize, init_params
+
+
+def _compiled_call(model: Model, call: str, images: np.ndarray):
+    """(compiled function, its arguments) for one of the two calls."""
+    cfg, params = model.config, model.params
+    pick = (lambda f: f.xla_defaults) if model.xla_defaults else (lambda f: f)
+    if call == "tokenize":
+        args = (params["vqvae"], images)
+        lowered = pick(_tokenize).lower(model.vqvae, cfg.patch_nums, *args)
+    else:
+        x = model.var_input(model.tokenize(images))
+        args = (params["var"], jnp.arange(len(images), dtype=jnp.int32), x, None)
+        lowered = pick(_teacher_forced).lower(model.var, *args)
+    return lowered.compile(), args
+
+
+def _op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """instruction name -> (jax op, module path with block indices folded)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', line)
+        if m and m.group(1) not in out:
+            parts = re.sub(r"^jit\([^)]*\)/", "", m.group(2)).split("/")
+            module = re.sub(r"(blocks_|block_|attn_)\d+", r"\1N", "/".join(parts[:-1]))
+            out[m.group(1)] = (parts[-1], module)
+    return out
+
+
+def profile(model: Model, call: str, images: np.ndarray, out: Path) -> dict:
+    compiled, args = _compiled_call(model, call, images)
+    walls = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        walls.append(time.perf_counter() - t0)
+    with jax.profiler.trace(str(out), create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        traced_wall = time.perf_counter() - t0
+    trace = json.load(gzip.open(next(out.glob("**/*perfetto_trace.json.gz"))))
+    meta = _op_metadata(compiled.as_text())
+    by_op, by_module = collections.Counter(), collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        if e.get("ph") == "X" and e.get("name") in meta:
+            op, module = meta[e["name"]]
+            by_op[op] += e.get("dur", 0) / 1e3
+            by_module[module] += e.get("dur", 0) / 1e3
+    attributed = sum(by_op.values())
+    return {"call": call, "images": len(images), "xla_defaults": model.xla_defaults,
+            "attention": model.attention, "wall_s": [round(w, 3) for w in walls],
+            "traced_wall_ms": round(traced_wall * 1e3, 1), "attributed_ms": round(attributed, 1),
+            "unattributed_ms": round(traced_wall * 1e3 - attributed, 1),
+            "by_op_ms": {k: round(v, 1) for k, v in by_op.most_common(12)},
+            "by_module_ms": {k: round(v, 1) for k, v in by_module.most_common(25)},
+            "trace": str(out), "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="d16", choices=sorted(config_lib.PRESETS))
+    ap.add_argument("--call", default="tokenize", choices=("tokenize", "teacher_forced"))
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--xla-defaults", action="store_true",
+                    help="XLA's own CPU kernels and the einsum attention (before varjax chose them)")
+    ap.add_argument("--out", type=Path, help="trace directory (default: a new temporary one)")
+    args = ap.parse_args(argv)
+    if args.images < 1:
+        print("profile_cpu: error: --images must be >= 1", file=sys.stderr)
+        return 2
+    if __package__:
+        from experiments.bench import _synthetic_images
+    else:  # run as a script: experiments/ is on the path
+        from bench import _synthetic_images
+
+    cfg = config_lib.PRESETS[args.config]()
+    model = Model(cfg, init_params(cfg, seed=0), attention="einsum" if args.xla_defaults else "auto",
+                  xla_defaults=args.xla_defaults)
+    images = _synthetic_images(args.images, 1, cfg.resolution, seed=1)[:, 0]
+    out = args.out or Path(tempfile.mkdtemp(prefix="varjax-profile-"))
+    with jax.default_matmul_precision("highest"):
+        row = profile(model, args.call, images, out)
+    print(json.dumps({"config": args.config, **row}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

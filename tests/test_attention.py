@@ -1,0 +1,97 @@
+"""The CPU attention kernel and the XLA options (varjax/attention.py, varjax/xla_options.py)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from varjax import attention, xla_options
+from varjax.config import PATCH_NUMS_256, PATCH_NUMS_512
+from varjax.var import block_causal_mask
+
+# `blocked` sums the same products over fewer (exactly zero-weighted) keys and in other
+# blocks: measured max abs difference 4.8e-7 from `einsum` on outputs of size ~1 (float32).
+BLOCKED_ATOL = 3e-6
+
+
+def _einsum(q, k, v, mask, scale, dtype):
+    # varjax/var.py's spelled-out path, verbatim
+    B, L, H, c = q.shape
+    logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32) * scale
+    logits = jnp.where(mask, logits, -jnp.inf)
+    attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bhqk,bkhc->bqhc", attn, v).reshape(B, L, H * c)
+
+
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, (1, 2, 3, 4), (1, 3, 8, 9), (8, 11)])
+def test_query_groups_cover_every_query_and_mask_only_mixed_scales(patch_nums):
+    groups = attention.query_groups(patch_nums)
+    L = sum(p * p for p in patch_nums)
+    assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == L
+    mask = block_causal_mask(patch_nums)
+    for first, end, masked in groups:
+        # a group sees keys [0, end): everything its queries may see, nothing after
+        assert not mask[first:end, end:].any()
+        assert masked == (not mask[first:end, :end].all())
+
+
+@pytest.mark.parametrize("patch_nums,heads,width", [(PATCH_NUMS_256, 3, 48), ((1, 2, 3, 9, 10), 2, 24)])
+def test_blocked_is_the_spelled_out_softmax(patch_nums, heads, width):
+    L = sum(p * p for p in patch_nums)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, heads, width // heads)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(block_causal_mask(patch_nums))
+    with jax.default_matmul_precision("highest"):
+        want = _einsum(q, k, v, mask, 0.3, jnp.float32)
+        got = jax.jit(lambda q, k, v: attention.blocked(q, k, v, mask, patch_nums, 0.3, jnp.float32))(q, k, v)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
+
+
+def test_blocked_keeps_the_compute_dtype():
+    patch_nums = (1, 2, 8)
+    L = sum(p * p for p in patch_nums)
+    q = k = v = jnp.ones((1, L, 2, 4), jnp.bfloat16)
+    out = attention.blocked(q, k, v, jnp.asarray(block_causal_mask(patch_nums)), patch_nums, 1.0, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16 and out.shape == (1, L, 8)
+
+
+def test_auto_picks_the_backends_kernel():
+    cpu = jax.default_backend() == "cpu"
+    assert attention.resolve("auto", jnp.float32, PATCH_NUMS_256) == ("blocked" if cpu else "einsum")
+    assert attention.resolve("auto", jnp.float32, PATCH_NUMS_512) == ("blocked" if cpu else "einsum")
+    assert attention.resolve("auto", jnp.float32, (1, 2, 3, 4)) == "einsum"  # nothing to block
+    assert attention.resolve("fused", jnp.float32, PATCH_NUMS_256) == "fused"
+
+
+def test_compiled_programs_get_the_options():
+    """Convolutions leave YNNPACK (XLA's own op), products stay on it: the CPU lever of
+    varjax/xla_options.py takes effect, and `xla_defaults` undoes it. A jaxlib that rejects
+    the options gets none."""
+    opts = xla_options.compiler_options()
+    if jax.default_backend() != "cpu":
+        assert opts == {}
+        return
+    if not opts:
+        with pytest.raises(Exception):
+            jax.jit(lambda x: x).lower(jnp.zeros(())).compile(dict(xla_options.COMPILER_OPTIONS))
+        return
+    assert opts == xla_options.COMPILER_OPTIONS
+
+    def f(x, w, a):
+        conv = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv, a @ a
+
+    # (YNNPACK takes convolutions of >= 32 channels: smaller ones would pass either way)
+    args = (jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32)), jnp.ones((64, 64)))
+    text = xla_options.jit(f).lower(*args).compile().as_text()
+    fused = re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", text)
+    assert "conv_general_dilated" not in fused  # not inside a library fusion
+    assert "dot_general" in fused and re.search(r"= f32\[1,16,16,32\]\S* convolution\(", text)
+    # `.xla_defaults` (Model(xla_defaults=True)) compiles with XLA's own choice: YNNPACK's conv
+    default = xla_options.jit(f).xla_defaults.lower(*args).compile().as_text()
+    assert "conv_general_dilated" in re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", default)

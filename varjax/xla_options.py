@@ -1,0 +1,71 @@
+"""The XLA settings of everything varjax compiles, in one place.
+
+`COMPILER_OPTIONS` go to each compilation of varjax's programs (`jax.jit(...,
+compiler_options=...)`), never into XLA_FLAGS: they touch no other JAX program in the process,
+they work whatever was imported first, and a user's own XLA_FLAGS still apply. All of them
+are XLA:CPU options, passed only when the default backend is the CPU (a GPU program compiles
+exactly as without varjax's options). `jit` is `jax.jit` with them.
+
+What is set, and why (measured with experiments/bench_upstream.py and experiments/bench.py,
+see README "This 2-core CPU"):
+- Convolutions on XLA's Eigen kernels instead of YNNPACK. jax 0.10's XLA:CPU hands every
+  convolution, matrix product and reduction to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`
+  = individual dot, individual convolution, reduce). Its float32 3x3 convolutions ran 1.6x
+  (256 x 256 x 160, stride 1) to 3.6x (stride 2) slower than Eigen's, which match PyTorch's
+  oneDNN ones; its matrix products are as fast as Eigen's and oneDNN's, and its reductions
+  are faster for the VQVAE's per-channel sums. So YNNPACK keeps the products and reductions.
+- Nothing about threads: XLA:CPU already runs one intra-op thread per core, as PyTorch does.
+  (experiments/train_planted.py pins one thread through XLA_FLAGS for reproducible training.)
+
+A jaxlib that does not know an option (an older one) gets none of them: `compiler_options`
+tries them once on a trivial program. To compare with XLA's defaults, compile the same
+function with plain `jax.jit` (experiments/bench_upstream.py `--xla-defaults` does).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+_YNN = "LIBRARY_FUSION_TYPE_"
+COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_cpu_experimental_ynn_fusion_type": f"{_YNN}INDIVIDUAL_DOT,{_YNN}REDUCE",
+}
+
+
+@functools.cache
+def compiler_options() -> dict[str, Any]:
+    """COMPILER_OPTIONS when compiling for a CPU and this jaxlib accepts them, else {} (the
+    first call compiles a tiny program)."""
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)).compile(dict(COMPILER_OPTIONS))
+    except Exception:  # noqa: BLE001 - an unknown option or value: XLA's defaults then
+        return {}
+    return dict(COMPILER_OPTIONS)
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`.
+
+    The options are looked up at the first call (or `.lower`), not at import, so importing
+    varjax starts no backend (jax.distributed.initialize must come first on several hosts).
+    `.xla_defaults` is the same function under plain `jax.jit`: XLA's own kernel choice, for
+    reproducing what was computed before these options existed (varjax.Model `xla_defaults`).
+    """
+
+    @functools.cache
+    def jitted():
+        return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return jitted()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
+    call.xla_defaults = jax.jit(fun, **jit_kwargs)
+    return call
