@@ -17,6 +17,7 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) experiments/run.py
 	$(PY) experiments/extract.py runs/demo --all
+	$(PY) experiments/intervene.py runs/demo --draws 3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -39,3 +39,8 @@ class GenerateError(VarjaxError):
 
 class ScalingError(VarjaxError):
     """A unit scaling that names no unit of the model, or an unreadable unit list (varjax.scaling)."""
+
+
+class InterventionError(VarjaxError):
+    """Intervention settings or a run directory an intervention cannot use (varjax.intervention,
+    varjax.intervene)."""

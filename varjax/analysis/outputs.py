@@ -27,6 +27,9 @@ from varjax.analysis.rundir import default_load_image, load_run
 from varjax.runfiles import atomic_write_bytes, atomic_write_text
 
 ImageLoader = Callable[[str], "np.ndarray | None"]
+# Sections that other jobs write beside the report (experiments/intervene.py: intervention.md);
+# report.md carries each one that is present, after the analysis, in this order.
+SECTION_FILES = ("intervention.md",)
 THUMB = 128  # pixels: grid tiles are ~150 px wide, larger images only cost memory
 
 
@@ -173,5 +176,26 @@ def analyze(run_dir: Path | str, load_image: ImageLoader | None = None, variant:
     summary = report.build_summary(a, paths)
     # summary.json first, report.md last: a present report.md means the analysis finished.
     atomic_write_bytes(run_dir / "summary.json", report.to_json(summary).encode())
-    atomic_write_bytes(run_dir / "report.md", report.render_markdown(a, summary, paths).encode())
+    text = report.render_markdown(a, summary, paths)
+    for name in SECTION_FILES:
+        if (run_dir / name).is_file():
+            text = with_section(text, name, (run_dir / name).read_text())
+    atomic_write_bytes(run_dir / "report.md", text.encode())
     return summary
+
+
+def with_section(report_md: str, name: str, section: str) -> str:
+    """report_md with `section` between the markers of `name`: replacing an earlier copy, else appended."""
+    begin, end = f"<!-- section {name} -->", f"<!-- end of section {name} -->"
+    block = f"{begin}\n{section.rstrip()}\n{end}\n"
+    if begin in report_md and end in report_md.split(begin, 1)[1]:
+        head, rest = report_md.split(begin, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return report_md.rstrip() + "\n\n" + block
+
+
+def add_section(run_dir: Path, name: str, section: str) -> None:
+    """Puts `section` (the content of `name`, one of SECTION_FILES) into run_dir's report.md, atomically."""
+    path = Path(run_dir) / "report.md"
+    old = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, with_section(old, name, section))
