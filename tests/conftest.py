@@ -19,6 +19,20 @@ def unit_rows(n_blocks: int, c: int) -> list[tuple[int, str, int]]:
             for s, w in (("attn.proj", c), ("ffn.fc1", 4 * c), ("ffn.fc2", c)) for i in range(w)]
 
 
+def spiked() -> np.ndarray:
+    """(20 samples, 12 units = 2 blocks x (1 + 4 + 1)), every activation 1 except: unit u
+    spikes to v_u = u + 2 on sample 100 (so UnitMem = (v - 1)/(v + 1) rises with u); units
+    10 (fc1, block 1) and 11 (fc2, block 1) spike on samples 107 and 105 instead; unit 0 is
+    zero everywhere. U10 = {10, 11} (P90 between the 10th and 11th of the 12 values)."""
+    acts = np.ones((20, 12), np.float32)
+    for u in range(12):
+        acts[0, u] = u + 2
+    acts[0, 10], acts[7, 10] = 1, 12
+    acts[0, 11], acts[5, 11] = 1, 13
+    acts[:, 0] = 0
+    return acts
+
+
 def write_run(d: Path, acts: np.ndarray | None, splits: list[str], units, npz: bool = False,
               scales: int = 0, sources: list[str] | None = None) -> np.ndarray:
     """Writes units.csv, samples.csv and activations.npy and/or stats_*.npz; returns sample ids."""

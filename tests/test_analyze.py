@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from experiments import analyze as analyze_cli
-from tests.conftest import finish_run, unit_rows, write_run
+from tests.conftest import finish_run, spiked, unit_rows, write_run
 from varjax import analysis as A
 from varjax.analysis import report as report_lib
 
@@ -33,13 +33,7 @@ def hand_run(d: Path, sources=None) -> None:
     12/14, so P90 = s_9 + 0.9 (s_10 - s_9) and U10 = units 10 (fc1, block 1) and 11 (fc2).
     Unit 10 spikes on sample id 107, unit 11 on id 105 (the others on id 100).
     """
-    acts = np.ones((20, 12), np.float32)
-    for u in range(12):
-        acts[0, u] = u + 2
-    acts[0, 10], acts[7, 10] = 1, 12
-    acts[0, 11], acts[5, 11] = 1, 13
-    acts[:, 0] = 0
-    write_run(d, acts, ["train"] * 20, unit_rows(2, 1), sources=sources)
+    write_run(d, spiked(), ["train"] * 20, unit_rows(2, 1), sources=sources)
 
 
 def test_hand_run_numbers_report_and_figures(tmp_path):

@@ -11,27 +11,13 @@ import numpy as np
 import pytest
 
 from experiments import compare as compare_cli
-from tests.conftest import finish_run, unit_rows, write_run
+from tests.conftest import finish_run, spiked, unit_rows, write_run
 from varjax import unitmem
 from varjax.analysis import load_run
 from varjax.data.planted import default_checkpoint
 from varjax.study import record_planted
 
 N_PERM = 200
-
-
-def spiked() -> np.ndarray:
-    """20 samples x 12 units (2 blocks of attn.proj 1, fc1 4, fc2 1): unit u is 1 except u + 2
-    on sample 100; unit 0 is 0; units 10 (fc1, block 1) and 11 (fc2, block 1) spike on samples
-    107 and 105 instead. UnitMem (v - 1)/(v + 1) rises with u: U10 = {10, 11} (P90 between
-    the 10th and 11th of the 12 values)."""
-    acts = np.ones((20, 12), np.float32)
-    for u in range(12):
-        acts[0, u] = u + 2
-    acts[0, 10], acts[7, 10] = 1, 12
-    acts[0, 11], acts[5, 11] = 1, 13
-    acts[:, 0] = 0
-    return acts
 
 
 def two_depths(tmp_path: Path) -> tuple[Path, Path]:

@@ -159,16 +159,7 @@ def coverage(x: np.ndarray, y: np.ndarray, cov: Coverage, title: str = "Coverage
                     textcoords="offset points", fontsize=8)
     frac = 100 * cov.samples_with_memunits_frac
     ax.axvline(frac, color="gray", ls=":", label=f"samples with NumMemUnits > 0: {frac:.1f}%")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(0, 100)
-    ticks = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.set_ylim(0, 102)
-    ax.set_xlabel("top % of samples (symlog scale)")
-    ax.set_ylabel("% of U10 units covered")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    _coverage_axes(ax, title)
     return fig
 
 
@@ -480,13 +471,8 @@ def compare_depth(runs: list[RunCurves], sites: tuple[str, ...]) -> Figure:
     return fig
 
 
-def compare_coverage(runs: list[RunCurves]) -> Figure:
-    """Other depths: the coverage curves of the runs (share of U10 held by the top samples)."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for i, r in enumerate(runs):
-        x, y = r.curve
-        ax.plot(100 * x, 100 * y, drawstyle="steps-post", color=f"C{i}", label=r.name)
+def _coverage_axes(ax, title: str) -> None:
+    """A coverage plot's axes: top % of samples (symlog) against % of U10 covered."""
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlim(0, 100)
     ticks = [0, 0.5, 1, 2, 5, 10, 20, 50, 100]
@@ -494,9 +480,19 @@ def compare_coverage(runs: list[RunCurves]) -> Figure:
     ax.set_ylim(0, 102)
     ax.set_xlabel("top % of samples (symlog scale)")
     ax.set_ylabel("% of U10 units covered")
-    ax.set_title("Coverage of U10")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+
+
+def compare_coverage(runs: list[RunCurves]) -> Figure:
+    """Other depths: the coverage curves of the runs (share of U10 held by the top samples)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, r in enumerate(runs):
+        x, y = r.curve
+        ax.plot(100 * x, 100 * y, drawstyle="steps-post", color=f"C{i}", label=r.name)
+    _coverage_axes(ax, "Coverage of U10")
     return fig
 
 
