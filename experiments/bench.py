@@ -518,7 +518,7 @@ def _row(what: str, times: list[float], batch: int, extra: dict) -> dict:
 
 
 def generate_bench(model: Model, config_name: str, precisions, batches, reps: int, sampling,
-        upstream: str | None, versions: dict, attention: str = "einsum") -> int:
+        upstream: str | None, versions: dict, attention: str = "auto") -> int:
     """Prints one JSON line per (precision, batch) and one per upstream batch; returns 0."""
     dev = jax.devices()[0]
     common = {"config": config_name, "cfg": sampling.cfg, "top_k": sampling.top_k, "top_p": sampling.top_p,
@@ -546,7 +546,8 @@ def generate_bench(model: Model, config_name: str, precisions, batches, reps: in
                     up_cpu.append(time.process_time() - c0)
             gflop = sampler_gflop(model, sampling, precision, batch) / batch
             row = _row("generation", times, batch, {
-                **common, "precision": precision, "attention": attention, "compile_s": round(compile_s, 2),
+                **common, "precision": precision, "compile_s": round(compile_s, 2),
+                "attention": gen_lib.program_for(model, sampling, precision=precision, attention=attention).attention,
                 "gflop_per_image": round(gflop, 1), "cpu_s": [round(t, 3) for t in cpu],
                 "tflop_per_s": round(gflop * batch / statistics.median(times) / 1e3, 3),
                 "device": dev.device_kind, "devices": len(jax.devices()), **versions})
@@ -579,7 +580,7 @@ def _generate(args) -> int:
         cfg = config_lib.PRESETS[args.config]()
         model, name = Model(cfg, init_params(cfg, seed=0)), args.config
     sampling = Sampling(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
-    attention = (args.attention or ["einsum"])[0]
+    attention = (args.attention or ["auto"])[0]
     return generate_bench(model, name, precisions, batches, args.reps, sampling, args.upstream, _versions(),
                           attention)
 

@@ -18,6 +18,11 @@ interleaved so they share the machine's load:
   varjax's, and torch's;
 - conv_form (when named): the largest convolution as NCHW, as 9 shifted products and as one
   im2col product, against the NHWC convolution;
+- cached_attention (when named): the sampler's attention in one d16 block, each scale's
+  queries against the keys cached so far (`--images` images with CFG: twice the rows), the
+  spelled-out `einsum` path (varjax/var.py) and `cached` (varjax/attention.py), and torch's
+  scaled_dot_product_attention as upstream's sampler calls it (no mask); one row per scale
+  and one for all ten;
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
   options, XLA's defaults, and Eigen for everything (tokenize) or oneDNN products
   (teacher_forced; the transformer keeps varjax's attention kernel).
@@ -51,7 +56,7 @@ XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this j
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
-PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced")
+PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the
 # first downsampling (upstream pads right/bottom, then stride 2 without padding)
 CONVS = [(2, 256, 3, 160, 1), (2, 256, 160, 160, 1), (2, 256, 160, 160, 2), (2, 128, 160, 160, 1),
@@ -258,13 +263,52 @@ def groupnorm_rows(reps: int, images: int) -> list[dict]:
     return _rows("groupnorm", shape, fns, reps, np.asarray)
 
 
+def cached_attention_rows(reps: int, images: int) -> list[dict]:
+    torch, rows = _torch(), []
+    pn, heads, width = PATCH_NUMS_256, 16, 64
+    R, rng = 2 * images, np.random.default_rng(0)
+    totals: dict[str, list] = {}
+    end = 0
+    for p in pn:
+        l, end = p * p, end + p * p
+        q = rng.normal(size=(R, l, heads, width)).astype(np.float32)
+        q = 4 * q / np.linalg.norm(q, axis=-1, keepdims=True)  # as attn_l2_norm leaves them
+        k = rng.normal(size=(R, heads, width, end)).astype(np.float32)
+        k = k / np.linalg.norm(k, axis=2, keepdims=True)
+        v = rng.normal(size=(R, heads, end, width)).astype(np.float32)
+        args = tuple(jnp.asarray(a) for a in (q, k, v))
+
+        def einsum(q, k, v):  # varjax/var.py's cached einsum path
+            logits = jnp.einsum("bqhc,bhck->bhqk", q, k)
+            return jnp.einsum("bhqk,bhkc->bqhc", jax.nn.softmax(logits, axis=-1), v)
+
+        fns = {"einsum": _compiled(einsum, args, XLA["varjax"]),
+               "cached": _compiled(lambda q, k, v: attention_lib.cached(q, k, v, 1.0, jnp.float32), args,
+                                   XLA["varjax"])}
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(a) for a in (q.transpose(0, 2, 1, 3).copy(), k.transpose(0, 1, 3, 2).copy(), v))
+
+            def sdpa(tq=tq, tk=tk, tv=tv):
+                with torch.inference_mode():
+                    o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=1.0)
+                return o.transpose(1, 2)
+            fns["torch_sdpa"] = sdpa
+        part = _rows("cached_attention", (R, l, end, heads, width), fns, reps, np.asarray)
+        rows += part
+        for row in part:
+            totals.setdefault(row["impl"], []).append(row)
+    rows.append({"part": "cached_attention", "shape": "all scales", **{
+        f"{impl}_min_s": round(sum(r["min_s"] for r in rs), 4) for impl, rs in totals.items()}})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", action="append", choices=PARTS,
                     help="what to time (repeatable; default: conv, dot, attention, groupnorm; "
-                         "conv_form, tokenize and teacher_forced only when named)")
+                         "conv_form, tokenize, teacher_forced and cached_attention only when named)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up")
-    ap.add_argument("--images", type=int, default=2, help="images for attention and groupnorm")
+    ap.add_argument("--images", type=int, default=2, help="images for attention, cached_attention and groupnorm")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.images < 1:
         print("bench_cpu_kernels: error: --reps and --images must be >= 1", file=sys.stderr)
@@ -274,7 +318,8 @@ def main(argv=None) -> int:
              "groupnorm": lambda: groupnorm_rows(args.reps, args.images),
              "conv_form": lambda: conv_form_rows(args.reps),
              "tokenize": lambda: model_rows("tokenize", args.reps, args.images),
-             "teacher_forced": lambda: model_rows("teacher_forced", args.reps, args.images)}
+             "teacher_forced": lambda: model_rows("teacher_forced", args.reps, args.images),
+             "cached_attention": lambda: cached_attention_rows(args.reps, args.images)}
     torch = _torch()
     env = {"jax": jax.__version__, "torch": torch.__version__ if torch else None,
            "torch_threads": torch.get_num_threads() if torch else None, "device": jax.devices()[0].device_kind}

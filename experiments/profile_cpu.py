@@ -2,9 +2,11 @@
 
     python experiments/profile_cpu.py --config d16 --call tokenize
     python experiments/profile_cpu.py --config d16 --call teacher_forced --xla-defaults
+    python experiments/profile_cpu.py --config d16 --call generate --images 8
 
-Compiles `Model.tokenize` or `Model.teacher_forced` (random weights, synthetic images, float32
-at highest precision), runs it twice, then once under `jax.profiler.trace`, and sums the
+Compiles `Model.tokenize`, `Model.teacher_forced` or the sampler (`generate`: the generation
+benchmark's setting, cfg 1.5, top_k 900, top_p 0.96, images decoded) on random weights and
+synthetic images, float32 at highest precision, runs it twice, then once under `jax.profiler.trace`, and sums the
 traced time of XLA:CPU's thunks by the jax op that made them (`conv_general_dilated`,
 `dot_general`, ...) and by Flax module path (`encoder/down_0/block_N/conv1`, block indices
 folded). Prints one JSON object. Thunks that run asynchronously (Eigen's convolutions, which
@@ -35,8 +37,10 @@ from varjax.model import Model, _teacher_forced, _tokenize, init_params
 
 
 def _compiled_call(model: Model, call: str, images: np.ndarray):
-    """(compiled function, its arguments) for one of the two calls."""
+    """(compiled function, its arguments) for one of the calls."""
     cfg, params = model.config, model.params
+    if call == "generate":
+        return _compiled_sampler(model, len(images))
     pick = (lambda f: f.xla_defaults) if model.xla_defaults else (lambda f: f)
     if call == "tokenize":
         args = (params["vqvae"], images)
@@ -46,6 +50,22 @@ def _compiled_call(model: Model, call: str, images: np.ndarray):
         args = (params["var"], jnp.arange(len(images), dtype=jnp.int32), x, None)
         lowered = pick(_teacher_forced).lower(model.var, *args)
     return lowered.compile(), args
+
+
+def _compiled_sampler(model: Model, batch: int):
+    """The sampler as the generation benchmark times it (cfg 1.5, top_k 900, top_p 0.96, images
+    decoded), compiled for `batch` images, and its arguments (classes 0..batch-1, seed 0)."""
+    from varjax import generate as gen_lib
+    from varjax.sampling import cfg_coefficients
+
+    cfg = model.config
+    sampling = gen_lib.Sampling(cfg=1.5, top_k=min(900, cfg.vqvae.vocab_size), top_p=0.96)
+    cs = gen_lib.compiled_for(model, gen_lib.program_for(model, sampling, return_images=True), batch)
+    ints = lambda a: jax.device_put(np.asarray(a, np.int32), cs.batch_sharding)  # noqa: E731
+    args = (model.placed_params(cs.replicated), ints(np.arange(cs.batch) % cfg.var.num_classes),
+            ints(np.arange(cs.batch)), np.uint32(0), cfg_coefficients(1.5, len(cfg.patch_nums)),
+            np.float32(0.96), ints(np.zeros((cs.batch, cfg.var.seq_len))), ints(np.zeros(cs.batch)))
+    return cs.fn, args
 
 
 def _op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -73,12 +93,13 @@ def profile(model: Model, call: str, images: np.ndarray, out: Path) -> dict:
         traced_wall = time.perf_counter() - t0
     trace = json.load(gzip.open(next(out.glob("**/*perfetto_trace.json.gz"))))
     meta = _op_metadata(compiled.as_text())
-    by_op, by_module = collections.Counter(), collections.Counter()
+    by_op, by_module, by_both = collections.Counter(), collections.Counter(), collections.Counter()
     for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
         if e.get("ph") == "X" and e.get("name") in meta:
             op, module = meta[e["name"]]
             by_op[op] += e.get("dur", 0) / 1e3
             by_module[module] += e.get("dur", 0) / 1e3
+            by_both[f"{op} @ {module}"] += e.get("dur", 0) / 1e3
     attributed = sum(by_op.values())
     return {"call": call, "images": len(images), "xla_defaults": model.xla_defaults,
             "attention": model.attention, "wall_s": [round(w, 3) for w in walls],
@@ -86,14 +107,16 @@ def profile(model: Model, call: str, images: np.ndarray, out: Path) -> dict:
             "unattributed_ms": round(traced_wall * 1e3 - attributed, 1),
             "by_op_ms": {k: round(v, 1) for k, v in by_op.most_common(12)},
             "by_module_ms": {k: round(v, 1) for k, v in by_module.most_common(25)},
+            "by_op_and_module_ms": {k: round(v, 1) for k, v in by_both.most_common(25)},
             "trace": str(out), "jax": jax.__version__, "device": jax.devices()[0].device_kind}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="d16", choices=sorted(config_lib.PRESETS))
-    ap.add_argument("--call", default="tokenize", choices=("tokenize", "teacher_forced"))
-    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--call", default="tokenize", choices=("tokenize", "teacher_forced", "generate"),
+                    help="generate: the sampler at cfg 1.5, top_k 900, top_p 0.96, decode included")
+    ap.add_argument("--images", type=int, default=2, help="images per call (generate: the batch)")
     ap.add_argument("--xla-defaults", action="store_true",
                     help="XLA's own CPU kernels and the einsum attention (before varjax chose them)")
     ap.add_argument("--out", type=Path, help="trace directory (default: a new temporary one)")

@@ -52,6 +52,50 @@ def test_blocked_is_the_spelled_out_softmax(patch_nums, heads, width):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
 
 
+@pytest.mark.parametrize("chunk_bytes,pairs", [(0, 1), (2 * 81 * 150 * 4, 2), (1 << 40, 8)])
+def test_blocked_in_steps_of_any_size_is_the_spelled_out_softmax(monkeypatch, chunk_bytes, pairs):
+    """One (image, head) pair per lax.map step, two, or all eight in one step: the same."""
+    patch_nums, heads, width = (1, 2, 8, 9), 4, 16  # largest group: 81 queries x 150 keys
+    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
+    assert attention._pairs_per_step(2 * heads, 81 * 150 * 4) == pairs
+    L = sum(p * p for p in patch_nums)
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, L, heads, width // heads)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(block_causal_mask(patch_nums))
+    with jax.default_matmul_precision("highest"):
+        want = _einsum(q, k, v, mask, 0.7, jnp.float32)
+        got = jax.jit(lambda q, k, v: attention.blocked(q, k, v, mask, patch_nums, 0.7, jnp.float32))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
+
+
+def _cached_einsum(q, k_BHcE, v_BHEc, scale):
+    # varjax/var.py's cached einsum path (SelfAttention._attend_cached), verbatim
+    logits = jnp.einsum("bqhc,bhck->bhqk", q, k_BHcE).astype(jnp.float32) * scale
+    attn = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bhkc->bqhc", attn, v_BHEc)
+
+
+@pytest.mark.parametrize("whole_bytes,chunk_bytes,pairs", [(1 << 40, 0, 8), (0, 0, 1), (0, 2 * 9 * 30 * 4, 2),
+                                                           (0, 1 << 40, 8)])
+def test_cached_whole_or_in_chunks_is_the_spelled_out_softmax(monkeypatch, whole_bytes, chunk_bytes, pairs):
+    """The sampler's kernel: one product for all (row, head) pairs, or lax.map over chunks of
+    1, 2 or all 8 pairs, against the spelled-out softmax on the same cache."""
+    monkeypatch.setattr(attention, "WHOLE_BYTES", whole_bytes)
+    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
+    B, l, E, H, c = 4, 9, 30, 2, 16
+    if whole_bytes == 0:
+        assert attention._pairs_per_step(B * H, l * E * 4) == pairs
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(B, l, H, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, H, c, E)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, H, E, c)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        want = _cached_einsum(q, k, v, 0.4)
+        got = jax.jit(lambda q, k, v: attention.cached(q, k, v, 0.4, jnp.float32))(q, k, v)
+    assert got.shape == (B, l, H, c) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
+
+
 def test_blocked_keeps_the_compute_dtype():
     patch_nums = (1, 2, 8)
     L = sum(p * p for p in patch_nums)

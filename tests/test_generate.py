@@ -165,6 +165,22 @@ def test_batch_size_and_ids_do_not_change_an_image(micro_model):
     assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(whole.tokens, shifted.tokens))
 
 
+def test_cpu_kernel_in_chunks_equals_the_einsum_sampler(micro_model, monkeypatch):
+    """The CPU's cached-attention kernel (varjax.attention.cached), forced into lax.map
+    chunks at every scale, samples what the spelled-out einsum path samples."""
+    from varjax import attention, generate as gen_lib
+
+    labels = np.array([3, 1000, 9])
+    want = generate(micro_model, labels, SAMPLING, seed=4, attention="einsum", return_logits=True)
+    monkeypatch.setattr(attention, "WHOLE_BYTES", 0)
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # one (row, head) pair per step
+    monkeypatch.setattr(gen_lib, "_COMPILED", {})
+    got = generate(micro_model, labels, SAMPLING, seed=4, attention="blocked", return_logits=True)
+    for s, (a, b) in enumerate(zip(got.tokens, want.tokens)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"scale {s}")
+    np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=0, atol=CACHE_ATOL)
+
+
 @pytest.mark.multiprocess
 def test_four_devices_give_the_same_images(micro_model, tmp_path):
     """The sampler sharded over 4 (forced CPU) devices, in a fresh process, equals one device."""

@@ -84,7 +84,7 @@ class Program:
     logits: bool = False  # also return every scale's logits (tests, debugging; large)
     precision: str | None = None  # None: float32 at the caller's jax.default_matmul_precision
     scaling: UnitScaling | None = None
-    attention: str = "einsum"
+    attention: str = "einsum"  # resolved (program_for): never "auto"
     taps: TapConfig = TapConfig()  # the sites recorded when `acts` (reduction: mean_abs)
 
 
@@ -244,7 +244,7 @@ def compiled_for(model, program: Program, batch: int) -> CompiledSampler:
 
 def program_for(model, sampling: Sampling, *, return_acts: bool = False, return_images: bool = False,
                 return_logits: bool = False, unit_scaling: UnitScaling | None = None,
-                precision: str | None = None, attention: str = "einsum") -> Program:
+                precision: str | None = None, attention: str = "auto") -> Program:
     """The Program `generate` runs for these arguments (checked; GenerateError if unusable)."""
     cfg = model.config
     if model.vqvae is None or model.var is None:
@@ -253,6 +253,8 @@ def program_for(model, sampling: Sampling, *, return_acts: bool = False, return_
         raise GenerateError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if attention not in ATTENTION:
         raise GenerateError(f"attention {attention!r}: expected one of {', '.join(ATTENTION)}")
+    if attention == "auto":  # the CPU's chunked kernel there; elsewhere the spelled-out softmax
+        attention = "blocked" if jax.default_backend() == "cpu" else "einsum"
     if attention == "cudnn" and (precision != "bf16" or jax.default_backend() != "gpu"):
         raise GenerateError("attention 'cudnn' needs an NVIDIA GPU and precision 'bf16'")
     if unit_scaling is not None:
@@ -269,7 +271,7 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
              prefix: Sequence[Any] | None = None, *, sample_ids=None, return_acts: bool = False,
              return_images: bool = False, return_logits: bool = False,
              unit_scaling: UnitScaling | None = None, precision: str | None = None,
-             attention: str = "einsum") -> Generated:
+             attention: str = "auto") -> Generated:
     """Sample images of the given classes (upstream autoregressive_infer_cfg).
 
     Args:
@@ -284,7 +286,8 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
       unit_scaling: multiply chosen units (varjax.scaling), recorded with the run by callers.
       precision: None (float32 at the caller's jax.default_matmul_precision) or one of
         PRECISIONS: "highest", "tf32", "bf16" (transformer in bfloat16; VQVAE in TF32).
-      attention: the attention kernel (varjax.var.SelfAttention).
+      attention: the attention kernel (varjax.var.SelfAttention); "auto": `blocked` on a CPU
+        (varjax.attention.cached), `einsum` elsewhere.
     Returns:
       Generated; its arrays hold the B images in order (padding to a multiple of the device
       count is internal).

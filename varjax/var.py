@@ -122,7 +122,8 @@ class SelfAttention(nn.Module):
     def _attend_cached(self, q_BlHc, k_BlHc, v_BlHc, start: int, scale: float, kind: str) -> jnp.ndarray:
         """One scale's attention through the cache: write its keys and values at `start`,
         attend to every cached position before start + l. `kind`: the resolved kernel; one
-        scale needs no mask, so "blocked" is the einsum path here. Returns (B, l, H, c)."""
+        scale needs no mask, so "blocked" is `attention.cached`, the einsum path in chunks
+        sized for a CPU's cache. Returns (B, l, H, c)."""
         B, l, H, hd = q_BlHc.shape
         end, L = start + l, self.config.seq_len
         put = jax.lax.dynamic_update_slice
@@ -133,6 +134,8 @@ class SelfAttention(nn.Module):
             cv = self.variable(CACHE, "v", jnp.zeros, (B, H, L, hd), v_BlHc.dtype)
             ck.value = put(ck.value, jnp.transpose(k_BlHc, (0, 2, 3, 1)), (0, 0, 0, start))
             cv.value = put(cv.value, jnp.transpose(v_BlHc, (0, 2, 1, 3)), (0, 0, start, 0))
+            if kind == "blocked":
+                return attention_lib.cached(q_BlHc, ck.value[..., :end], cv.value[:, :, :end], scale, self.dtype)
             logits = jnp.einsum("bqhc,bhck->bhqk", q_BlHc, ck.value[..., :end]).astype(jnp.float32) * scale
             attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             return jnp.einsum("bhqk,bhkc->bqhc", attn, cv.value[:, :, :end])
