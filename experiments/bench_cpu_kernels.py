@@ -10,8 +10,8 @@ the first implementation of the row's part. All float32 at highest precision, im
 interleaved so they share the machine's load:
 - conv: the d16 VQVAE encoder's 3x3 convolutions under XLA's default kernels (YNNPACK),
   varjax's options (Eigen), and torch.nn.Conv2d (oneDNN);
-- dot: the transformer's products (2 images x 680 tokens) under YNNPACK, oneDNN and Eigen
-  (XLA options) and torch.mm;
+- dot: the transformer's products (2 images x 680 tokens; fc1 at three of the sampler's
+  row counts) under Eigen (varjax's options), YNNPACK (varjax's before), oneDNN, and torch.mm;
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
@@ -24,8 +24,9 @@ interleaved so they share the machine's load:
   scaled_dot_product_attention as upstream's sampler calls it (no mask); one row per scale
   and one for all ten;
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
-  options, XLA's defaults, and Eigen for everything (tokenize) or oneDNN products
-  (teacher_forced; the transformer keeps varjax's attention kernel).
+  options, XLA's defaults, and Eigen for everything (tokenize) or YNNPACK's products
+  (varjax's before) and oneDNN's (teacher_forced; the transformer keeps varjax's attention
+  kernel).
 torch is optional (its rows are left out without it).
 """
 
@@ -52,6 +53,7 @@ _LIB = "LIBRARY_FUSION_TYPE_"
 XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this jaxlib takes them)
     "xla_default": {},
     "varjax": None,
+    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}INDIVIDUAL_DOT,{_LIB}REDUCE"},  # before
     "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
@@ -61,7 +63,8 @@ PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teac
 # first downsampling (upstream pads right/bottom, then stride 2 without padding)
 CONVS = [(2, 256, 3, 160, 1), (2, 256, 160, 160, 1), (2, 256, 160, 160, 2), (2, 128, 160, 160, 1),
          (2, 64, 320, 320, 1), (2, 32, 320, 320, 1), (2, 16, 640, 640, 1)]
-DOTS = [(1360, 1024, 3072), (1360, 1024, 4096), (1360, 4096, 1024)]  # qkv, fc1, fc2 (M, K, N)
+DOTS = [(1360, 1024, 3072), (1360, 1024, 4096), (1360, 4096, 1024),  # qkv, fc1, fc2 (M, K, N)
+        (16, 1024, 4096), (256, 1024, 4096), (4096, 1024, 4096)]  # fc1 in the sampler (batch 8, CFG)
 
 
 def _torch():
@@ -176,7 +179,8 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
     cfg = config_lib.released(16)
     model = Model(cfg, init_params(cfg, seed=0))
     imgs = _synthetic_images(images, 1, cfg.resolution, seed=1)[:, 0]
-    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "xla_default", "onednn_dot")
+    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "ynn_dot", "xla_default",
+                                                                              "onednn_dot")
     fns = {}
     with jax.default_matmul_precision("highest"):
         if call == "tokenize":
@@ -201,7 +205,7 @@ def dot_rows(reps: int) -> list[dict]:
         rng = np.random.default_rng(0)
         a_np, b_np = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
         args = (jnp.asarray(a_np), jnp.asarray(b_np))
-        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("varjax", "onednn_dot", "eigen_all")}
+        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("varjax", "ynn_dot", "onednn_dot")}
         if torch is not None:
             ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
             fns["torch"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
