@@ -11,7 +11,7 @@ interleaved so they share the machine's load:
 - conv: the d16 VQVAE encoder's 3x3 convolutions under XLA's default kernels (YNNPACK),
   varjax's options (Eigen), and torch.nn.Conv2d (oneDNN);
 - dot: the transformer's products (2 images x 680 tokens; fc1 at three of the sampler's
-  row counts) under Eigen (varjax's options), YNNPACK (varjax's before), oneDNN, and torch.mm;
+  row counts) under YNNPACK (varjax's options), Eigen, oneDNN, and torch.mm;
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
@@ -23,10 +23,14 @@ interleaved so they share the machine's load:
   spelled-out `einsum` path (varjax/var.py) and `cached` (varjax/attention.py), and torch's
   scaled_dot_product_attention as upstream's sampler calls it (no mask); one row per scale
   and one for all ten;
+- sampling (when named): top-k 900 and top-p 0.96 at the last d16 scale (`--images` images
+  x 256 tokens x 4096 logits): varjax.sampling.filter_logits (bisection), the same rule
+  through XLA's TopK and a sort of the survivors (varjax's before), and upstream's
+  sample_with_top_k_top_p_ masking written out in torch (topk, full sort, cumsum), each
+  followed by the draw (jax.random.categorical; torch.multinomial);
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
-  options, XLA's defaults, and Eigen for everything (tokenize) or YNNPACK's products
-  (varjax's before) and oneDNN's (teacher_forced; the transformer keeps varjax's attention
-  kernel).
+  options, XLA's defaults, and Eigen for everything (tokenize) or Eigen's products and
+  oneDNN's (teacher_forced; the transformer keeps varjax's attention kernel).
 torch is optional (its rows are left out without it).
 """
 
@@ -53,12 +57,13 @@ _LIB = "LIBRARY_FUSION_TYPE_"
 XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this jaxlib takes them)
     "xla_default": {},
     "varjax": None,
-    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}INDIVIDUAL_DOT,{_LIB}REDUCE"},  # before
+    "eigen_dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}REDUCE"},  # products on Eigen
     "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
-PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention")
+PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention",
+         "sampling")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the
 # first downsampling (upstream pads right/bottom, then stride 2 without padding)
 CONVS = [(2, 256, 3, 160, 1), (2, 256, 160, 160, 1), (2, 256, 160, 160, 2), (2, 128, 160, 160, 1),
@@ -179,7 +184,7 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
     cfg = config_lib.released(16)
     model = Model(cfg, init_params(cfg, seed=0))
     imgs = _synthetic_images(images, 1, cfg.resolution, seed=1)[:, 0]
-    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "ynn_dot", "xla_default",
+    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "eigen_dot", "xla_default",
                                                                               "onednn_dot")
     fns = {}
     with jax.default_matmul_precision("highest"):
@@ -205,7 +210,7 @@ def dot_rows(reps: int) -> list[dict]:
         rng = np.random.default_rng(0)
         a_np, b_np = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
         args = (jnp.asarray(a_np), jnp.asarray(b_np))
-        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("varjax", "ynn_dot", "onednn_dot")}
+        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("varjax", "eigen_dot", "onednn_dot")}
         if torch is not None:
             ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
             fns["torch"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
@@ -306,13 +311,57 @@ def cached_attention_rows(reps: int, images: int) -> list[dict]:
     return rows
 
 
+def sampling_rows(reps: int, images: int) -> list[dict]:
+    from varjax import sampling
+
+    torch = _torch()
+    top_k, top_p = 900, 0.96
+    rng = np.random.default_rng(0)
+    x_np = (rng.normal(size=(images, 256, 4096)) * 2).astype(np.float32)
+    x = jnp.asarray(x_np)
+    key = jax.random.key(0)
+
+    def bisection(x):
+        kept = sampling.filter_logits(x, top_k, jnp.float32(top_p))
+        return jax.random.categorical(key, kept, axis=-1), jnp.isfinite(kept)
+
+    def topk_sort(x):  # the same rule through TopK and a sort of the k survivors (no ties here)
+        vals, idx = jax.lax.top_k(x, top_k)
+        srt, order = jax.lax.sort((vals[..., ::-1], idx[..., ::-1]), dimension=2, num_keys=2)
+        drop = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1) <= 1 - top_p
+        first = jnp.argmin(drop.at[..., -1].set(False), axis=-1)[..., None]
+        v = jnp.take_along_axis(srt, first, -1)
+        kept = jnp.where(x >= v, x, -jnp.inf)
+        return jax.random.categorical(key, kept, axis=-1), jnp.isfinite(kept)
+
+    fns = {"bisection": _compiled(bisection, (x,), XLA["varjax"]), "topk_sort": _compiled(topk_sort, (x,), XLA["varjax"])}
+    if torch is not None:
+        tx = torch.from_numpy(x_np)
+
+        def upstream():  # models/helpers.py sample_with_top_k_top_p_, written out
+            with torch.inference_mode():
+                logits = tx.clone()
+                kth = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+                logits.masked_fill_(logits < kth, -torch.inf)
+                srt, order = logits.sort(dim=-1, descending=False)
+                drop = srt.softmax(dim=-1).cumsum_(dim=-1) <= 1 - top_p
+                drop[..., -1:] = False
+                logits.masked_fill_(drop.scatter(drop.ndim - 1, order, drop), -torch.inf)
+                draw = torch.multinomial(logits.softmax(dim=-1).view(-1, logits.shape[-1]), num_samples=1)
+            return draw, torch.isfinite(logits)
+        fns["torch_upstream"] = upstream
+    # compared: which tokens survive (the draws use different generators)
+    return _rows("sampling", (images, 256, 4096), fns, reps, lambda out: np.asarray(out[1]).astype(np.float32))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", action="append", choices=PARTS,
                     help="what to time (repeatable; default: conv, dot, attention, groupnorm; "
-                         "conv_form, tokenize, teacher_forced and cached_attention only when named)")
+                         "conv_form, tokenize, teacher_forced, cached_attention and sampling only when "
+                         "named)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up")
-    ap.add_argument("--images", type=int, default=2, help="images for attention, cached_attention and groupnorm")
+    ap.add_argument("--images", type=int, default=2, help="images for attention, cached_attention, sampling and groupnorm")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.images < 1:
         print("bench_cpu_kernels: error: --reps and --images must be >= 1", file=sys.stderr)
@@ -323,7 +372,8 @@ def main(argv=None) -> int:
              "conv_form": lambda: conv_form_rows(args.reps),
              "tokenize": lambda: model_rows("tokenize", args.reps, args.images),
              "teacher_forced": lambda: model_rows("teacher_forced", args.reps, args.images),
-             "cached_attention": lambda: cached_attention_rows(args.reps, args.images)}
+             "cached_attention": lambda: cached_attention_rows(args.reps, args.images),
+             "sampling": lambda: sampling_rows(args.reps, args.images)}
     torch = _torch()
     env = {"jax": jax.__version__, "torch": torch.__version__ if torch else None,
            "torch_threads": torch.get_num_threads() if torch else None, "device": jax.devices()[0].device_kind}

@@ -113,9 +113,9 @@ def test_auto_picks_the_backends_kernel():
 
 
 def test_compiled_programs_get_the_options():
-    """Convolutions and products leave YNNPACK (XLA's own ops), reductions stay on it: the CPU
-    lever of varjax/xla_options.py takes effect, and `xla_defaults` undoes it. A jaxlib that
-    rejects the options gets none."""
+    """Convolutions leave YNNPACK (XLA's own op), products stay on it: the CPU lever of
+    varjax/xla_options.py takes effect, and `xla_defaults` undoes it. A jaxlib that rejects
+    the options gets none."""
     opts = xla_options.compiler_options()
     if jax.default_backend() != "cpu":
         assert opts == {}
@@ -128,15 +128,14 @@ def test_compiled_programs_get_the_options():
 
     def f(x, w, a):
         conv = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return conv, a @ a, jnp.sum(x, axis=(0, 1, 2))
+        return conv, a @ a
 
     # (YNNPACK takes convolutions of >= 32 channels: smaller ones would pass either way)
     args = (jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32)), jnp.ones((64, 64)))
     text = xla_options.jit(f).lower(*args).compile().as_text()
     fused = re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", text)
-    assert "conv_general_dilated" not in fused and "dot_general" not in fused  # not in a library fusion
-    assert "reduce_sum" in fused
-    assert re.search(r"= f32\[1,16,16,32\]\S* convolution\(", text) and re.search(r"= f32\[64,64\]\S* dot\(", text)
-    # `.xla_defaults` (Model(xla_defaults=True)) compiles with XLA's own choice: YNNPACK's
+    assert "conv_general_dilated" not in fused  # not inside a library fusion
+    assert "dot_general" in fused and re.search(r"= f32\[1,16,16,32\]\S* convolution\(", text)
+    # `.xla_defaults` (Model(xla_defaults=True)) compiles with XLA's own choice: YNNPACK's conv
     default = xla_options.jit(f).xla_defaults.lower(*args).compile().as_text()
-    assert {"conv_general_dilated", "dot_general"} <= set(re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", default))
+    assert "conv_general_dilated" in re.findall(r"fusion\(.*op_name=\"[^\"]*/(\w+)\"", default)

@@ -38,8 +38,9 @@ def filter_logits(logits_BlV: jnp.ndarray, top_k: int, top_p: jnp.ndarray | None
     are ordered by index (lower first) for top-p (upstream's torch.sort leaves their order
     to the implementation).
 
-    Computed without a sort (XLA:CPU's TopK and sort took 0.66 s of the last scale of a d16
-    batch of 8, this 0.34 s): the k-th largest value and the top-p boundary are found by
+    Computed without a sort (at the last scale of a d16 batch of 8, with the draw: XLA:CPU's
+    TopK and a sort 0.60 s, this 0.36 s, upstream's torch code 0.43 s; experiments/
+    bench_cpu_kernels.py --part sampling --images 8): the k-th largest value and the top-p boundary are found by
     bisection on the logits' float bits (`_keys`: an integer in the same order), 32 halvings
     each, every one a count or a masked sum over the row. The k-th value is exact; the
     boundary is the smallest survivor value whose mass at or below it exceeds 1 - top_p (the

@@ -8,18 +8,17 @@ exactly as without varjax's options). `jit` is `jax.jit` with them.
 
 What is set, and why (measured with experiments/bench_upstream.py and experiments/bench.py,
 see README "This 2-core CPU"):
-- Convolutions and matrix products on XLA's Eigen kernels instead of YNNPACK. jax 0.10's
-  XLA:CPU hands every convolution, matrix product and reduction to YNNPACK
-  (`xla_cpu_experimental_ynn_fusion_type` = individual dot, individual convolution, reduce).
-  Its float32 3x3 convolutions ran 1.6x (256 x 256 x 160, stride 1) to 3.6x (stride 2)
-  slower than Eigen's, which match PyTorch's oneDNN ones. Its products were first measured
-  as fast as Eigen's; re-measured on the idle machine they are the slowest XLA path: the d16
-  FFN products over the sampler's row counts (16 to 4096 rows) took 340 ms against Eigen's
-  323 (PyTorch 278), whole d16 teacher forcing 2.58 s against 2.45 (8 interleaved runs), a
-  d16 batch-8 generation 38.9 s against 37.9. (oneDNN's products, `xla_cpu_use_onednn`, are
-  faster than Eigen's for 1000+ rows but slower for few, and lost in both whole calls.) Its
-  reductions are faster than XLA's own for the VQVAE's per-channel sums and the softmax
-  sums: YNNPACK keeps the reductions only.
+- Convolutions on XLA's Eigen kernels instead of YNNPACK. jax 0.10's XLA:CPU hands every
+  convolution, matrix product and reduction to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`
+  = individual dot, individual convolution, reduce). Its float32 3x3 convolutions ran 1.6x
+  (256 x 256 x 160, stride 1) to 3.6x (stride 2) slower than Eigen's, which match PyTorch's
+  oneDNN ones; its matrix products are as fast as Eigen's and oneDNN's, and its reductions
+  are faster for the VQVAE's per-channel sums. So YNNPACK keeps the products and reductions.
+  (Re-measured on the idle machine, 2026-12-01 evening: Eigen's products against YNNPACK's
+  are within the machine's noise, faster or slower by shape, and the whole d16 teacher
+  forcing took 2.58 s with Eigen's against 2.54 s with YNNPACK's; oneDNN's, through
+  `xla_cpu_use_onednn`, are the fastest products alone from ~1000 rows and lose in the whole
+  call, 2.73 s. `experiments/bench_cpu_kernels.py --part dot --part teacher_forced`.)
 - Nothing about threads: XLA:CPU already runs one intra-op thread per core, as PyTorch does.
   (experiments/train_planted.py pins one thread through XLA_FLAGS for reproducible training.)
 
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 
 _YNN = "LIBRARY_FUSION_TYPE_"
 COMPILER_OPTIONS: dict[str, Any] = {
-    "xla_cpu_experimental_ynn_fusion_type": f"{_YNN}REDUCE",
+    "xla_cpu_experimental_ynn_fusion_type": f"{_YNN}INDIVIDUAL_DOT,{_YNN}REDUCE",
 }
 
 
