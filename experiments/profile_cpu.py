@@ -56,16 +56,12 @@ def _compiled_sampler(model: Model, batch: int):
     """The sampler as the generation benchmark times it (cfg 1.5, top_k 900, top_p 0.96, images
     decoded), compiled for `batch` images, and its arguments (classes 0..batch-1, seed 0)."""
     from varjax import generate as gen_lib
-    from varjax.sampling import cfg_coefficients
 
     cfg = model.config
     sampling = gen_lib.Sampling(cfg=1.5, top_k=min(900, cfg.vqvae.vocab_size), top_p=0.96)
     cs = gen_lib.compiled_for(model, gen_lib.program_for(model, sampling, return_images=True), batch)
-    ints = lambda a: jax.device_put(np.asarray(a, np.int32), cs.batch_sharding)  # noqa: E731
-    args = (model.placed_params(cs.replicated), ints(np.arange(cs.batch) % cfg.var.num_classes),
-            ints(np.arange(cs.batch)), np.uint32(0), cfg_coefficients(1.5, len(cfg.patch_nums)),
-            np.float32(0.96), ints(np.zeros((cs.batch, cfg.var.seq_len))), ints(np.zeros(cs.batch)))
-    return cs.fn, args
+    labels, ids = np.arange(batch) % cfg.var.num_classes, np.arange(batch)
+    return cs.fn, gen_lib.sampler_inputs(model, cs, labels, ids, 0, sampling, [])
 
 
 def _op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:

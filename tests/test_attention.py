@@ -39,17 +39,22 @@ def test_query_groups_cover_every_query_and_mask_only_mixed_scales(patch_nums):
         assert masked == (not mask[first:end, :end].all())
 
 
-@pytest.mark.parametrize("patch_nums,heads,width", [(PATCH_NUMS_256, 3, 48), ((1, 2, 3, 9, 10), 2, 24)])
-def test_blocked_is_the_spelled_out_softmax(patch_nums, heads, width):
+def _check_blocked(patch_nums, heads, width, scale, seed):
+    """`blocked` on random (2, L, heads, width / heads) inputs equals the spelled-out softmax."""
     L = sum(p * p for p in patch_nums)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     q, k, v = (jnp.asarray(rng.normal(size=(2, L, heads, width // heads)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(block_causal_mask(patch_nums))
     with jax.default_matmul_precision("highest"):
-        want = _einsum(q, k, v, mask, 0.3, jnp.float32)
-        got = jax.jit(lambda q, k, v: attention.blocked(q, k, v, mask, patch_nums, 0.3, jnp.float32))(q, k, v)
+        want = _einsum(q, k, v, mask, scale, jnp.float32)
+        got = jax.jit(lambda q, k, v: attention.blocked(q, k, v, mask, patch_nums, scale, jnp.float32))(q, k, v)
     assert got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
+
+
+@pytest.mark.parametrize("patch_nums,heads,width", [(PATCH_NUMS_256, 3, 48), ((1, 2, 3, 9, 10), 2, 24)])
+def test_blocked_is_the_spelled_out_softmax(patch_nums, heads, width):
+    _check_blocked(patch_nums, heads, width, 0.3, seed=0)
 
 
 @pytest.mark.parametrize("chunk_bytes,pairs", [(0, 1), (2 * 81 * 150 * 4, 2), (1 << 40, 8)])
@@ -58,14 +63,7 @@ def test_blocked_in_steps_of_any_size_is_the_spelled_out_softmax(monkeypatch, ch
     patch_nums, heads, width = (1, 2, 8, 9), 4, 16  # largest group: 81 queries x 150 keys
     monkeypatch.setattr(attention, "CHUNK_BYTES", chunk_bytes)
     assert attention._pairs_per_step(2 * heads, 81 * 150 * 4) == pairs
-    L = sum(p * p for p in patch_nums)
-    rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.normal(size=(2, L, heads, width // heads)), jnp.float32) for _ in range(3))
-    mask = jnp.asarray(block_causal_mask(patch_nums))
-    with jax.default_matmul_precision("highest"):
-        want = _einsum(q, k, v, mask, 0.7, jnp.float32)
-        got = jax.jit(lambda q, k, v: attention.blocked(q, k, v, mask, patch_nums, 0.7, jnp.float32))(q, k, v)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=BLOCKED_ATOL)
+    _check_blocked(patch_nums, heads, width, 0.7, seed=1)
 
 
 def _cached_einsum(q, k_BHcE, v_BHEc, scale):

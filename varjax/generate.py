@@ -308,20 +308,8 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
     if int(seed) != seed or not 0 <= seed < 2**32:
         raise GenerateError(f"seed must be an integer in [0, 2^32), got {seed}")
     cs = compiled_for(model, program, B)
-    Bp = cs.batch
-    pad = Bp - B
-    labels = np.concatenate([labels, np.full(pad, cfg.var.num_classes)]).astype(np.int32)
-    ids = np.concatenate([ids, np.zeros(pad, ids.dtype)]).astype(np.int32)
-    prefix_len = np.full(Bp, len(prefix), np.int32)
-    prefix_BL = np.zeros((Bp, cfg.var.seq_len), np.int32)
-    if prefix:
-        prefix_BL[:B, :sum(t.shape[1] for t in prefix)] = np.concatenate(prefix, axis=1)
-    put = lambda a, sh: jax.device_put(a, sh)  # noqa: E731
-    out = cs.fn(model.placed_params(cs.replicated), put(labels, cs.batch_sharding), put(ids, cs.batch_sharding),
-                put(np.uint32(seed), cs.replicated),
-                put(cfg_coefficients(float(sampling.cfg), len(cfg.patch_nums)), cs.replicated),
-                put(np.float32(sampling.top_p), cs.replicated), put(prefix_BL, cs.batch_sharding),
-                put(prefix_len, cs.batch_sharding))
+    pad = cs.batch - B
+    out = cs.fn(*sampler_inputs(model, cs, labels, ids, seed, sampling, prefix))
     cut = (lambda a: a[:B]) if pad else (lambda a: a)
     return Generated(
         tokens=[cut(t) for t in out["tokens"]],
@@ -329,6 +317,27 @@ def generate(model, labels, sampling: Sampling = Sampling(), seed: int = 0,
         acts={k: cut(v) for k, v in out["acts"].items()} if return_acts else None,
         logits=cut(out["logits"]) if return_logits else None,
         row_logits=cut(out["row_logits"]) if return_logits else None)
+
+
+def sampler_inputs(model, cs: CompiledSampler, labels: np.ndarray, ids: np.ndarray, seed: int,
+                   sampling: Sampling, prefix: Sequence[np.ndarray]) -> tuple:
+    """`cs.fn`'s arguments, placed on its mesh, for checked inputs (as `generate` checks them):
+    B <= cs.batch labels and sample ids (padded with the null class and id 0), the seed, the
+    sampling's cfg and top_p, and the prefix's k token arrays (B, pn_s^2)."""
+    cfg = model.config
+    B, Bp = len(labels), cs.batch
+    labels = np.concatenate([labels, np.full(Bp - B, cfg.var.num_classes)]).astype(np.int32)
+    ids = np.concatenate([ids, np.zeros(Bp - B, ids.dtype)]).astype(np.int32)
+    prefix_len = np.full(Bp, len(prefix), np.int32)
+    prefix_BL = np.zeros((Bp, cfg.var.seq_len), np.int32)
+    if prefix:
+        prefix_BL[:B, :sum(t.shape[1] for t in prefix)] = np.concatenate(prefix, axis=1)
+    put = jax.device_put
+    return (model.placed_params(cs.replicated), put(labels, cs.batch_sharding), put(ids, cs.batch_sharding),
+            put(np.uint32(seed), cs.replicated),
+            put(cfg_coefficients(float(sampling.cfg), len(cfg.patch_nums)), cs.replicated),
+            put(np.float32(sampling.top_p), cs.replicated), put(prefix_BL, cs.batch_sharding),
+            put(prefix_len, cs.batch_sharding))
 
 
 def _int_array(x, name: str, ndim: int) -> np.ndarray:
