@@ -11,7 +11,8 @@ interleaved so they share the machine's load:
 - conv: the d16 VQVAE encoder's 3x3 convolutions under XLA's default kernels (YNNPACK),
   varjax's options (Eigen), and torch.nn.Conv2d (oneDNN);
 - dot: the transformer's products (2 images x 680 tokens; fc1 at three of the sampler's
-  row counts) under YNNPACK (varjax's options), Eigen, oneDNN, and torch.mm;
+  row counts) under YNNPACK (XLA's product under varjax's options), Eigen, oneDNN, MKL
+  through varjax.cpu_gemm (varjax's product on a one-device CPU), and torch.mm;
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
@@ -29,8 +30,9 @@ interleaved so they share the machine's load:
   sample_with_top_k_top_p_ masking written out in torch (topk, full sort, cumsum), each
   followed by the draw (jax.random.categorical; torch.multinomial);
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
-  options, XLA's defaults, and Eigen for everything (tokenize) or Eigen's products and
-  oneDNN's (teacher_forced; the transformer keeps varjax's attention kernel).
+  options, XLA's defaults, and Eigen for everything (tokenize) or (teacher_forced, varjax's
+  attention kernel in all) varjax's Dense products on MKL (varjax.cpu_gemm), then XLA's
+  products under varjax's options (YNNPACK), Eigen's and oneDNN's.
 torch is optional (its rows are left out without it).
 """
 
@@ -48,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax import attention as attention_lib
+from varjax import cpu_gemm
 from varjax.config import PATCH_NUMS_256
 from varjax.var import block_causal_mask
 from varjax.vqvae import GroupNorm
@@ -57,6 +60,7 @@ _LIB = "LIBRARY_FUSION_TYPE_"
 XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this jaxlib takes them)
     "xla_default": {},
     "varjax": None,
+    "ynnpack_dot": None,  # varjax's options with XLA's (YNNPACK's) products, not MKL's
     "eigen_dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}REDUCE"},  # products on Eigen
     "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
@@ -184,8 +188,8 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
     cfg = config_lib.released(16)
     model = Model(cfg, init_params(cfg, seed=0))
     imgs = _synthetic_images(images, 1, cfg.resolution, seed=1)[:, 0]
-    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "eigen_dot", "xla_default",
-                                                                              "onednn_dot")
+    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "ynnpack_dot", "eigen_dot",
+                                                                              "xla_default", "onednn_dot")
     fns = {}
     with jax.default_matmul_precision("highest"):
         if call == "tokenize":
@@ -195,8 +199,10 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
             x = model.var_input(model.tokenize(imgs))
             args = (model.params["var"], jnp.arange(images, dtype=jnp.int32), x, None)
             lowered = _teacher_forced.xla_defaults.lower(model.var, *args)
+            with_mkl = _teacher_forced.lower(model.var, *args)  # varjax's: Dense products on MKL where it can
         for name in names:
-            c = lowered.compile(compiler_options() if XLA[name] is None else dict(XLA[name]))
+            low = with_mkl if call == "teacher_forced" and name == "varjax" else lowered
+            c = low.compile(compiler_options() if XLA[name] is None else dict(XLA[name]))
             fns[name] = lambda c=c: jax.block_until_ready(c(*args))
     flat = (lambda out: np.concatenate([np.asarray(t) for t in out], axis=1)) if call == "tokenize" \
         else (lambda out: np.asarray(out[0]))
@@ -210,7 +216,10 @@ def dot_rows(reps: int) -> list[dict]:
         rng = np.random.default_rng(0)
         a_np, b_np = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
         args = (jnp.asarray(a_np), jnp.asarray(b_np))
-        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("varjax", "eigen_dot", "onednn_dot")}
+        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("ynnpack_dot", "eigen_dot", "onednn_dot")}
+        if cpu_gemm.status()[0]:
+            fns["mkl"] = _compiled(cpu_gemm.traced(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ())))),
+                                   args, XLA["varjax"])
         if torch is not None:
             ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
             fns["torch"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)

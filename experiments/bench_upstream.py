@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from varjax import config as config_lib
+from varjax import cpu_gemm
 from varjax.model import Model, init_params
 from varjax.taps import UNIT_SITES
 
@@ -215,7 +216,8 @@ def _environment() -> dict:
     import torch
 
     return {"jax": jax.__version__, "flax": flax.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": jax.devices()[0].device_kind}
+            "torch_threads": torch.get_num_threads(), "device": jax.devices()[0].device_kind,
+            "varjax_dense_products": cpu_gemm.status()[1]}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ Compiles `Model.tokenize`, `Model.teacher_forced` or the sampler (`generate`: th
 benchmark's setting, cfg 1.5, top_k 900, top_p 0.96, images decoded) on random weights and
 synthetic images, float32 at highest precision, runs it twice, then once under `jax.profiler.trace`, and sums the
 traced time of XLA:CPU's thunks by the jax op that made them (`conv_general_dilated`,
-`dot_general`, ...) and by Flax module path (`encoder/down_0/block_N/conv1`, block indices
+`dot_general`, `mkl_gemm` for the Dense products varjax.cpu_gemm hands to MKL, ...) and by Flax module path (`encoder/down_0/block_N/conv1`, block indices
 folded). Prints one JSON object. Thunks that run asynchronously (Eigen's convolutions, which
 varjax's options choose) are not traced one by one: their time is the traced total minus the
 attributed part ("unattributed_ms"). `--xla-defaults` compiles with XLA's own kernels and the
@@ -72,7 +72,8 @@ def _op_metadata(hlo_text: str) -> dict[str, tuple[str, str]]:
         if m and m.group(1) not in out:
             parts = re.sub(r"^jit\([^)]*\)/", "", m.group(2)).split("/")
             module = re.sub(r"(blocks_|block_|attn_)\d+", r"\1N", "/".join(parts[:-1]))
-            out[m.group(1)] = (parts[-1], module)
+            op = "mkl_gemm" if parts[-1] == "ffi_call" else parts[-1]  # Dense products on MKL (varjax.cpu_gemm)
+            out[m.group(1)] = (op, module)
     return out
 
 

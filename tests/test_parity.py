@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import varjax
+from varjax import cpu_gemm
 from convert.core import convert_checkpoints  # needs torch: without it this module fails, never skips
 from varjax.taps import TapConfig, collect
 
@@ -115,6 +116,27 @@ def test_teacher_forcing_input(converted, name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_and_recorded_units(converted, name):
+    _check_logits_and_units(converted, name)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_recorded_units_with_products_on_mkl(converted, name, monkeypatch):
+    """The same, every Dense product through varjax.cpu_gemm (MKL), which otherwise takes only
+    the released models' widths; the same tolerances."""
+    if not cpu_gemm.status()[0]:
+        pytest.skip(f"no MKL path here ({cpu_gemm.status()[1]}): varjax uses XLA's products")
+    calls, gemm = [], cpu_gemm._gemm
+    monkeypatch.setattr(cpu_gemm, "MIN_WIDTH", 0)
+    monkeypatch.setattr(cpu_gemm, "_gemm", lambda a, b: calls.append(a.shape) or gemm(a, b))
+    jax.clear_caches()  # the choice is made at trace time
+    try:
+        _check_logits_and_units(converted, name)
+    finally:
+        jax.clear_caches()
+    assert len(calls) >= 4 * varjax.load(converted[name]).config.var.depth  # qkv, proj, fc1, fc2 per block
+
+
+def _check_logits_and_units(converted, name):
     ref = _ref(name)
     model = varjax.load(converted[name])
     logits, acts = model.teacher_forced(ref["labels"], _ref_tokens(ref))

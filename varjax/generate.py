@@ -41,7 +41,7 @@ from varjax.precision import matmul_scope
 from varjax.scaling import UnitScaling, prepare
 from varjax.taps import COLLECTION, NO_TAPS, TapConfig, collect
 from varjax.var import ATTENTION, CACHE, VAR, scale_begin
-from varjax.xla_options import compiler_options
+from varjax.xla_options import varjax_jit
 from varjax.vqvae import VQVAE
 
 PRECISIONS = ("highest", "tf32", "bf16")  # bf16_full only concerns the encoder, unused here
@@ -211,8 +211,10 @@ def compile_sampler(model, program: Program, batch: int) -> CompiledSampler:
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    fn = jax.jit(make_sampler(model.config, program), in_shardings=(repl, data, data, repl, repl, repl, data, data),
-                 out_shardings=data, compiler_options={} if model.xla_defaults else compiler_options())
+    # XLA's products, not MKL's (varjax.cpu_gemm): MKL rounds a row according to how many
+    # rows share the call, and an image must not depend on the batch size.
+    fn = varjax_jit(make_sampler(model.config, program), model.xla_defaults, dense_on_mkl=False,
+                    in_shardings=(repl, data, data, repl, repl, repl, data, data), out_shardings=data)
     pn = model.config.patch_nums
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32, sharding=repl), model.params)
     ints = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data)

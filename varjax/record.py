@@ -40,7 +40,7 @@ from varjax.taps import COLLECTION, UNIT_SITES, TapConfig, collect, scale_means_
 from varjax.var import ATTENTION, VAR
 from varjax import membership as mia
 from varjax.membership import MODES as MEMBERSHIP_MODES
-from varjax.xla_options import compiler_options
+from varjax.xla_options import varjax_jit
 
 
 # A batch for the step: images uint8 (b, A, H, W, 3), label (b,), sample (b,) (ids), valid
@@ -351,9 +351,8 @@ def compile_step(model: Model, num_views: int, opts: Options, image_shape: tuple
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    step = jax.jit(make_step(model, num_views, opts, center_view), in_shardings=(repl, repl) + (data,) * 5,
-                   out_shardings=(repl, data), donate_argnums=(1,),
-                   compiler_options={} if xla_defaults else compiler_options())
+    step = varjax_jit(make_step(model, num_views, opts, center_view), xla_defaults,
+                      in_shardings=(repl, repl) + (data,) * 5, out_shardings=(repl, data), donate_argnums=(1,))
     params = jax.device_put(model.params, repl)
     dev_state = jax.device_put(state, repl)
     G, (H, W) = opts.batch_size, image_shape

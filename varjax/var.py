@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varjax import attention as attention_lib
+from varjax import cpu_gemm
 from varjax.config import VARConfig
 from varjax.scaling import UnitScaling, scale_output
 from varjax.taps import TapConfig, tap
@@ -48,8 +49,9 @@ def _layer_norm(eps: float, dtype) -> nn.LayerNorm:
 
 
 def _dense(features: int, dtype, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype,
-                    kernel_init=nn.initializers.truncated_normal(0.02), name=name)
+    # cpu_gemm.dot_general: MKL's product on a one-device CPU in varjax's jits, else XLA's.
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=nn.initializers.truncated_normal(0.02),
+                    name=name, dot_general=cpu_gemm.dot_general)
 
 
 ATTENTION = ("einsum", "blocked", "fused", "cudnn", "auto")

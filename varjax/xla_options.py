@@ -4,7 +4,8 @@
 compiler_options=...)`), never into XLA_FLAGS: they touch no other JAX program in the process,
 they work whatever was imported first, and a user's own XLA_FLAGS still apply. All of them
 are XLA:CPU options, passed only when the default backend is the CPU (a GPU program compiles
-exactly as without varjax's options). `jit` is `jax.jit` with them.
+exactly as without varjax's options). `jit` is `jax.jit` with them (and `varjax.cpu_gemm`'s
+Dense products; `varjax_jit` the same for jits that take shardings).
 
 What is set, and why (measured with experiments/bench_upstream.py and experiments/bench.py,
 see README "This 2-core CPU"):
@@ -19,6 +20,11 @@ see README "This 2-core CPU"):
   forcing took 2.58 s with Eigen's against 2.54 s with YNNPACK's; oneDNN's, through
   `xla_cpu_use_onednn`, are the fastest products alone from ~1000 rows and lose in the whole
   call, 2.73 s. `experiments/bench_cpu_kernels.py --part dot --part teacher_forced`.)
+- Not an XLA option, but compiled the same way: on a one-device CPU the transformer's Dense
+  products go to MKL's sgemm through an FFI call (varjax/cpu_gemm.py), since none of the
+  three products above matches MKL's at 1000+ rows. `varjax_jit` (and `jit`) trace under
+  `cpu_gemm.tracing()`; `.xla_defaults`, plain `jax.jit` and the sampler (whose images must
+  not depend on the batch size, which MKL's rounding does) keep XLA's products.
 - Nothing about threads: XLA:CPU already runs one intra-op thread per core, as PyTorch does.
   (experiments/train_planted.py pins one thread through XLA_FLAGS for reproducible training.)
 
@@ -34,6 +40,8 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from varjax import cpu_gemm
 
 _YNN = "LIBRARY_FUSION_TYPE_"
 COMPILER_OPTIONS: dict[str, Any] = {
@@ -54,6 +62,16 @@ def compiler_options() -> dict[str, Any]:
     return dict(COMPILER_OPTIONS)
 
 
+def varjax_jit(fun: Callable, xla_defaults: bool = False, dense_on_mkl: bool = True, **jit_kwargs):
+    """`jax.jit(fun, **jit_kwargs)` as varjax compiles it: with `compiler_options()` and, with
+    `dense_on_mkl`, the Dense products on MKL where `varjax.cpu_gemm` applies; with
+    `xla_defaults`, plain `jax.jit` (XLA's own kernels throughout). Looks the options up now
+    (starts the backend)."""
+    if xla_defaults:
+        return jax.jit(fun, **jit_kwargs)
+    return jax.jit(cpu_gemm.traced(fun) if dense_on_mkl else fun, compiler_options=compiler_options(), **jit_kwargs)
+
+
 def jit(fun: Callable, **jit_kwargs) -> Callable:
     """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`.
 
@@ -65,7 +83,7 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 
     @functools.cache
     def jitted():
-        return jax.jit(fun, compiler_options=compiler_options(), **jit_kwargs)
+        return varjax_jit(fun, **jit_kwargs)
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
