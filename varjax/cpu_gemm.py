@@ -48,8 +48,8 @@ TARGET = "varjax_cpu_gemm"
 SOURCE = Path(__file__).with_name("cpu_gemm.cc")
 ENV_SWITCH = "VARJAX_CPU_GEMM"  # "xla" turns the MKL path off
 # Products whose inner and output widths are both at least this go to MKL: the released
-# models' (d16 and up, width 1024+). The small presets and the planted model (widths 64-512)
-# keep XLA's, where the call and MKL's thread wake-ups are not repaid by a faster kernel.
+# models' (d16 and up, width 1024+). The small presets and the planted model (no layer wider
+# than 128 on both sides) keep XLA's: their products are too small to repay the call.
 MIN_WIDTH = 512
 
 _state = threading.local()
