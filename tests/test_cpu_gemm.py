@@ -117,6 +117,13 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert cpu_gemm.status.__wrapped__() == (False, f"{cpu_gemm.ENV_SWITCH}=xla")
 
 
+def test_an_unknown_switch_value_warns_and_keeps_xla(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, "fast")
+    with pytest.warns(UserWarning, match="neither 'mkl' nor 'xla'"):
+        ok, why = cpu_gemm.status.__wrapped__()
+    assert not ok and "'fast'" in why
+
+
 def test_failed_build_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("VARJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails

@@ -8,8 +8,9 @@ So in teacher forcing and the recording step on a CPU (`varjax.xla_options.jit`,
 through an XLA FFI custom call (varjax/cpu_gemm.cc). Not in the sampler: MKL picks its
 kernels by the matrix size, so a row's last bits can depend on how many rows share the call,
 and a generated image must not depend on the batch size (varjax.generate's contract; XLA's
-products keep it). Equal zero-padded row tiles would restore that and cost MKL's advantage. MKL is the one inside the torch CPU wheel, which
-varjax already installs for the converter: nothing new is downloaded.
+products keep it). Equal zero-padded row tiles would restore that and cost MKL's advantage.
+MKL is the one inside the torch CPU wheel, which varjax already installs for the converter:
+nothing new is downloaded.
 
 When it is used: float32 operands of the released models' widths (MIN_WIDTH), a CPU backend
 with ONE device (GSPMD cannot split a custom call, so on a multi-device mesh each device
@@ -17,9 +18,10 @@ would compute every sharded product whole: meshes keep XLA's products), inside a
 traced under `tracing()` (varjax's own jits; plain `jax.jit`, `Model(xla_defaults=True)` and
 training keep XLA's products), torch built with MKL, and a C++ compiler to build the small
 handler once (cached in `$VARJAX_CACHE` or `~/.cache/varjax`, keyed by the source and the
-jaxlib version). `VARJAX_CPU_GEMM=xla` turns it off. Anything missing: XLA's products, as
-before; `status()` says which and why. All of it is decided when a function is traced, so a
-change of MIN_WIDTH or of the environment applies to functions traced afterwards.
+jaxlib version). `VARJAX_CPU_GEMM=xla` turns it off (`mkl` or unset: on where possible;
+read once, at the first use). Anything missing: XLA's products, as before; `status()` says
+which and why. The choice is made when a function is traced, so a change of MIN_WIDTH applies
+to functions traced afterwards.
 
 The result is the same float32 product, summed in MKL's order instead of YNNPACK's
 (tests/test_parity.py runs the fixtures through it with their usual tolerances). It has a
@@ -115,7 +117,11 @@ _gemm.defvjp(_gemm_fwd, _gemm_bwd)
 def status() -> tuple[bool, str]:
     """(whether Dense products can go to MKL in this process, why or why not). The first
     call imports torch and may build the handler (a few seconds, once per machine)."""
-    if os.environ.get(ENV_SWITCH, "").lower() == "xla":
+    switch = os.environ.get(ENV_SWITCH, "").lower()
+    if switch not in ("", "mkl", "xla"):
+        warnings.warn(f"varjax: {ENV_SWITCH}={switch!r} is neither 'mkl' nor 'xla'; using XLA's products", stacklevel=2)
+        return False, f"{ENV_SWITCH}={switch!r} is neither 'mkl' nor 'xla'"
+    if switch == "xla":
         return False, f"{ENV_SWITCH}=xla"
     if jax.default_backend() != "cpu":
         return False, f"backend {jax.default_backend()} (the MKL path is for the CPU)"

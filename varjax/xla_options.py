@@ -90,5 +90,5 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
         return jitted()(*args, **kwargs)
 
     call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
-    call.xla_defaults = jax.jit(fun, **jit_kwargs)
+    call.xla_defaults = varjax_jit(fun, xla_defaults=True, **jit_kwargs)
     return call
