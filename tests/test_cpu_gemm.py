@@ -56,15 +56,39 @@ def test_product_equals_the_float64_product(mkl, shape):
         assert cpu_gemm.TARGET in _hlo(cpu_gemm.traced(lambda a, b: cpu_gemm.dot_general(a, b, DN(a))), a, b)
 
 
-def test_the_sampler_keeps_xla_products(mkl):
-    """MKL rounds a row according to how many rows share its call; a generated image must not
-    depend on the batch size, so the sampler is compiled without the MKL path."""
+@pytest.mark.parametrize("k, n", [(1024, 3072), (4096, 1024)])
+def test_a_rows_bits_do_not_depend_on_the_rows_beside_it(mkl, k, n):
+    """Each row of the product comes out bit for bit the same whether it is computed alone,
+    with a few rows or with many, and wherever it sits among them (d16's fc1 and fc2 shapes;
+    plain sgemm fails this, the packed product does not). The sampler relies on it."""
+    rng = np.random.default_rng(k + n)
+    a = rng.standard_normal((600, k)).astype(np.float32)
+    b = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    whole = np.asarray(_traced_dot(a, b))
+    for lo, hi in ((0, 1), (5, 6), (0, 2), (3, 7), (7, 23), (100, 164), (37, 181), (50, 600)):
+        np.testing.assert_array_equal(np.asarray(_traced_dot(a[lo:hi], b)), whole[lo:hi], err_msg=f"rows {lo}:{hi}")
+
+
+def test_the_sampler_uses_it_and_an_image_does_not_depend_on_the_batch(mkl):
+    """The sampler's Dense products go to MKL too, and a sample's tokens are the same in a
+    batch of 8 and in batches of 2, as tests/test_generate.py checks with XLA's products.
+    (Its logits agree within rounding, not bit for bit: XLA's own attention and convolutions
+    round a row differently per batch shape, with or without MKL.)"""
     from varjax import generate as gen_lib
 
     cfg = config_lib.PRESETS["micro"]()
     model = Model(cfg, init_params(cfg, seed=0))
-    program = gen_lib.program_for(model, gen_lib.Sampling(cfg=1.5, top_k=4), return_images=False)
-    assert cpu_gemm.TARGET not in gen_lib.compile_sampler(model, program, 2).fn.as_text()
+    sampling = gen_lib.Sampling(cfg=1.5, top_k=4)
+    program = gen_lib.program_for(model, sampling, return_images=False)
+    assert cpu_gemm.TARGET in gen_lib.compile_sampler(model, program, 2).fn.as_text()
+    labels = np.array([0, 1, 2, 3, 4, 5, 1000, 7])
+    whole = gen_lib.generate(model, labels, sampling, seed=3, return_logits=True)
+    for start in (0, 6):
+        part = gen_lib.generate(model, labels[start:start + 2], sampling, seed=3, return_logits=True,
+                                sample_ids=np.arange(start, start + 2))
+        for s, (x, y) in enumerate(zip(whole.tokens, part.tokens)):
+            np.testing.assert_array_equal(np.asarray(x)[start:start + 2], np.asarray(y), err_msg=f"scale {s}")
+        np.testing.assert_allclose(np.asarray(whole.logits)[start:start + 2], np.asarray(part.logits), rtol=0, atol=2e-5)
 
 
 def test_only_inside_tracing_for_float32_on_one_device_and_wide_layers(mkl, monkeypatch):

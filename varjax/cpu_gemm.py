@@ -1,16 +1,18 @@
-"""The Linear layers' products on a CPU through MKL's sgemm, as PyTorch computes them.
+"""The Linear layers' products on a CPU through MKL, as PyTorch computes them.
 
 On this project's 2-core AVX-512 CPU every matrix product XLA:CPU offers (YNNPACK, Eigen,
 oneDNN) was 5-30% slower than MKL's at the transformer's shapes (1000+ rows), and the
 Linear layers are about 75% of teacher forcing and of the sampler (docs/performance.md).
-So in teacher forcing and the recording step on a CPU (`varjax.xla_options.jit`,
-`varjax.record.compile_step`), `var.py`'s Dense layers hand their product to MKL's `sgemm`
-through an XLA FFI custom call (varjax/cpu_gemm.cc). Not in the sampler: MKL picks its
-kernels by the matrix size, so a row's last bits can depend on how many rows share the call,
-and a generated image must not depend on the batch size (varjax.generate's contract; XLA's
-products keep it). Equal zero-padded row tiles would restore that and cost MKL's advantage.
-MKL is the one inside the torch CPU wheel, which varjax already installs for the converter:
-nothing new is downloaded.
+So in varjax's jits on a CPU (`varjax.xla_options.varjax_jit`: teacher forcing, the
+recording step, the sampler), `var.py`'s Dense layers hand their product to MKL through an
+XLA FFI custom call (varjax/cpu_gemm.cc). The handler uses MKL's packed-matrix product
+(the weights packed per call, then `cblas_sgemm_compute`) rather than plain sgemm: plain
+sgemm picks its kernels by the matrix size, so a row's last bits could depend on how many
+rows share the call, while with the packed product every row came out the same whatever
+the rows beside it (a single row is computed as two; tests/test_cpu_gemm.py checks it), at
+plain sgemm's speed. That is what lets the sampler use it: a generated image must not
+depend on the batch size (varjax.generate's contract). MKL is the one inside the torch CPU
+wheel, which varjax already installs for the converter: nothing new is downloaded.
 
 When it is used: float32 operands of the released models' widths (MIN_WIDTH), a CPU backend
 with ONE device (GSPMD cannot split a custom call, so on a multi-device mesh each device
@@ -132,17 +134,18 @@ def status() -> tuple[bool, str]:
     if not torch.backends.mkl.is_available():
         return False, "this torch has no MKL"
     try:
-        sgemm = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).sgemm_
+        torch_lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        mkl = [getattr(torch_lib, f"cblas_sgemm_{name}") for name in ("pack_get_size", "pack", "compute")]
     except (OSError, AttributeError) as e:
-        return False, f"torch's library does not export MKL's sgemm ({e})"
+        return False, f"torch's library does not export MKL's packed sgemm ({e})"
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as e:
         warnings.warn(f"varjax: XLA's products on the CPU, building the MKL handler failed: {e}", stacklevel=2)
         return False, f"building {SOURCE.name} failed"
-    lib.varjax_set_sgemm(ctypes.cast(sgemm, ctypes.c_void_p))
+    lib.varjax_set_mkl(*(ctypes.cast(f, ctypes.c_void_p) for f in mkl))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VarjaxCpuGemm), platform="cpu")
-    return True, f"MKL sgemm from torch {torch.__version__}"
+    return True, f"MKL packed sgemm from torch {torch.__version__}"
 
 
 def _build() -> Path:

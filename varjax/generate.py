@@ -211,9 +211,9 @@ def compile_sampler(model, program: Program, batch: int) -> CompiledSampler:
     """
     mesh = Mesh(np.array(jax.devices()), ("data",))
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    # XLA's products, not MKL's (varjax.cpu_gemm): MKL rounds a row according to how many
-    # rows share the call, and an image must not depend on the batch size.
-    fn = varjax_jit(make_sampler(model.config, program), model.xla_defaults, dense_on_mkl=False,
+    # The Dense products on MKL where varjax.cpu_gemm applies: its packed product rounds each
+    # row alike whatever the rows beside it, so an image does not depend on the batch size.
+    fn = varjax_jit(make_sampler(model.config, program), model.xla_defaults,
                     in_shardings=(repl, data, data, repl, repl, repl, data, data), out_shardings=data)
     pn = model.config.patch_nums
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32, sharding=repl), model.params)

@@ -22,9 +22,9 @@ see README "This 2-core CPU"):
   call, 2.73 s. `experiments/bench_cpu_kernels.py --part dot --part teacher_forced`.)
 - Not an XLA option, but compiled the same way: on a one-device CPU the transformer's Dense
   products go to MKL's sgemm through an FFI call (varjax/cpu_gemm.py), since none of the
-  three products above matches MKL's at 1000+ rows. `varjax_jit` (and `jit`) trace under
-  `cpu_gemm.tracing()`; `.xla_defaults`, plain `jax.jit` and the sampler (whose images must
-  not depend on the batch size, which MKL's rounding does) keep XLA's products.
+  three products above matches MKL's at 1000+ rows. `varjax_jit` (and `jit`, and so teacher
+  forcing, the recording step and the sampler) trace under `cpu_gemm.tracing()`;
+  `.xla_defaults` and plain `jax.jit` keep XLA's products.
 - Nothing about threads: XLA:CPU already runs one intra-op thread per core, as PyTorch does.
   (experiments/train_planted.py pins one thread through XLA_FLAGS for reproducible training.)
 
@@ -62,14 +62,13 @@ def compiler_options() -> dict[str, Any]:
     return dict(COMPILER_OPTIONS)
 
 
-def varjax_jit(fun: Callable, xla_defaults: bool = False, dense_on_mkl: bool = True, **jit_kwargs):
-    """`jax.jit(fun, **jit_kwargs)` as varjax compiles it: with `compiler_options()` and, with
-    `dense_on_mkl`, the Dense products on MKL where `varjax.cpu_gemm` applies; with
-    `xla_defaults`, plain `jax.jit` (XLA's own kernels throughout). Looks the options up now
-    (starts the backend)."""
+def varjax_jit(fun: Callable, xla_defaults: bool = False, **jit_kwargs):
+    """`jax.jit(fun, **jit_kwargs)` as varjax compiles it: with `compiler_options()` and the
+    Dense products on MKL where `varjax.cpu_gemm` applies; with `xla_defaults`, plain
+    `jax.jit` (XLA's own kernels throughout). Looks the options up now (starts the backend)."""
     if xla_defaults:
         return jax.jit(fun, **jit_kwargs)
-    return jax.jit(cpu_gemm.traced(fun) if dense_on_mkl else fun, compiler_options=compiler_options(), **jit_kwargs)
+    return jax.jit(cpu_gemm.traced(fun), compiler_options=compiler_options(), **jit_kwargs)
 
 
 def jit(fun: Callable, **jit_kwargs) -> Callable:
