@@ -5,12 +5,39 @@ planted run against the same margins)."""
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from varjax import unitmem
 from varjax.data.planted import parse_role
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache for this test session, in a fresh temporary
+    directory removed at the end: many tests build the same small programs through different
+    jit wrappers (a new Model, a cleared cache, a worker process), and each identical program
+    is then compiled once. Nothing carries over between sessions, so every run compiles from
+    scratch as a user's first run does. Worker processes inherit it through the environment."""
+    d = tempfile.mkdtemp(prefix="varjax-tests-jax-cache-")
+    config._varjax_jax_cache = d
+    for var, value in (("JAX_COMPILATION_CACHE_DIR", d), ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                       ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
+        os.environ[var] = value
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", d)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    d = getattr(config, "_varjax_jax_cache", None)
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def unit_rows(n_blocks: int, c: int) -> list[tuple[int, str, int]]:
