@@ -1,6 +1,4 @@
-"""varjax.cpu_gemm: the Dense layers' products through MKL's sgemm on a one-device CPU."""
-
-import shutil
+"""varjax.cpu_gemm: the Dense layers' products through MKL's packed product on a one-device CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -10,21 +8,16 @@ import pytest
 from varjax import config as config_lib
 from varjax import cpu_gemm
 from varjax.model import Model, _teacher_forced, init_params
+from tests.conftest import mkl_expected
 
 DN = lambda lhs: (((lhs.ndim - 1,), (0,)), ((), ()))  # noqa: E731 - Dense's dimension numbers
-
-
-def _mkl_expected() -> bool:
-    """Whether this machine has what the MKL path needs (torch with MKL, a C++ compiler)."""
-    torch = pytest.importorskip("torch")
-    return bool(torch.backends.mkl.is_available()) and shutil.which("c++") is not None
 
 
 @pytest.fixture
 def mkl(monkeypatch):
     """The MKL path for products of any width (MIN_WIDTH 0), with jit caches cleared before
     and after (the choice is made when a function is traced)."""
-    if not _mkl_expected():
+    if not mkl_expected():
         pytest.skip("no torch with MKL or no C++ compiler here: varjax uses XLA's products")
     ok, why = cpu_gemm.status()
     assert ok, why  # everything it needs is here, so it must be in use

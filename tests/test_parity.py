@@ -21,6 +21,7 @@ import varjax
 from varjax import cpu_gemm
 from convert.core import convert_checkpoints  # needs torch: without it this module fails, never skips
 from varjax.taps import TapConfig, collect
+from tests.conftest import mkl_expected
 
 pytestmark = pytest.mark.torch
 
@@ -123,8 +124,10 @@ def test_logits_and_recorded_units(converted, name):
 def test_logits_and_recorded_units_with_products_on_mkl(converted, name, monkeypatch):
     """The same, every Dense product through varjax.cpu_gemm (MKL), which otherwise takes only
     the released models' widths; the same tolerances."""
-    if not cpu_gemm.status()[0]:
-        pytest.skip(f"no MKL path here ({cpu_gemm.status()[1]}): varjax uses XLA's products")
+    if not mkl_expected():
+        pytest.skip("no torch with MKL or no C++ compiler here: varjax uses XLA's products")
+    ok, why = cpu_gemm.status()
+    assert ok, why  # everything it needs is here, so it must be in use
     calls, gemm = [], cpu_gemm._gemm
     monkeypatch.setattr(cpu_gemm, "MIN_WIDTH", 0)
     monkeypatch.setattr(cpu_gemm, "_gemm", lambda a, b: calls.append(a.shape) or gemm(a, b))

@@ -58,8 +58,9 @@ static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   // Per-thread scratch, kept between calls (XLA may run two handlers at once on two threads):
   // the packed B, and for M = 1 the doubled row and its two-row result.
   thread_local std::vector<float> packed, row2, out2;
+  const bool single_row = M == 1;
   int m = static_cast<int>(M);
-  if (m == 1) {
+  if (single_row) {
     row2.resize(2 * K);
     out2.resize(2 * N);
     std::memcpy(row2.data(), pa, sizeof(float) * K);
@@ -72,7 +73,7 @@ static ffi::Error Gemm(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   packed.resize(bytes / sizeof(float) + 1);
   g_pack(kRowMajor, kBMatrix, kNoTrans, m, n, k, 1.0f, b.typed_data(), n, packed.data());
   g_compute(kRowMajor, kNoTrans, kPacked, m, n, k, pa, k, packed.data(), n, 0.0f, pc, n);
-  if (pc == out2.data()) std::memcpy(c->typed_data(), pc, sizeof(float) * N);
+  if (single_row) std::memcpy(c->typed_data(), pc, sizeof(float) * N);
   return ffi::Error::Success();
 }
 
