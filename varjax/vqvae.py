@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,9 +28,17 @@ class GroupNorm(nn.Module):
     Two-pass variance, as PyTorch (flax's fast E[x^2]-E[x]^2 loses digits on large
     activations). Each statistic is summed per channel over all positions first, then over
     the channels of a group: the reduction keeps the contiguous channel axis, which XLA's CPU
-    reductions run faster than one over (positions, group channels), and the squared
-    deviations are never written out (`experiments/bench_cpu_kernels.py --part groupnorm`).
-    The output is cast to `dtype`.
+    reductions run faster than one over (positions, group channels). The output is x * s + t
+    per channel, as PyTorch applies it (s = gamma / std, t = beta - mean * s), cast to `dtype`.
+
+    `pending_bias_C`: normalise x + pending_bias_C without that sum being written out; the
+    convolution before hands its bias over (`Conv(..., add_bias=False)`).
+
+    On the CPU, x is read three times and the output written once: the per-channel sums; the
+    squared deviations, the centring added in by YNNPACK's reduction as it reads (it takes
+    the per-channel offset as one (B, C) operand); the normalising pass, with SiLU after it
+    fused in. `experiments/bench_cpu_kernels.py --part groupnorm` times it against flax's and
+    PyTorch's.
     """
 
     num_groups: int = 32
@@ -37,7 +46,7 @@ class GroupNorm(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_BHWC: jnp.ndarray, pending_bias_C: jnp.ndarray | None = None) -> jnp.ndarray:
         B, H, W, C = x_BHWC.shape
         G = self.num_groups
         scale_C = self.param("scale", nn.initializers.ones, (C,))
@@ -45,21 +54,53 @@ class GroupNorm(nn.Module):
         x = x_BHWC.astype(jnp.float32)
         n = H * W * (C // G)
 
-        def group_mean(v_BHWC):  # (B, H, W, C) -> (B, C): each channel's group mean
-            sums = jnp.sum(v_BHWC, axis=(1, 2)).reshape(B, G, C // G).sum(axis=-1)  # (B, groups)
-            return jnp.repeat(sums / n, C // G, axis=1)
+        member_GC = jnp.repeat(jnp.eye(G, dtype=jnp.float32), C // G, axis=1)  # 1 where channel c is in group g
 
-        d = x - group_mean(x)[:, None, None, :]
-        mul_BC = jax.lax.rsqrt(group_mean(jnp.square(d)) + self.epsilon) * scale_C
-        return (d * mul_BC[:, None, None, :] + bias_C).astype(self.dtype)
+        def group_mean(sums_BC):  # per-channel sums over positions -> each channel's group mean
+            # A product with the 0/1 membership matrix (exact: one term each) rather than a
+            # broadcast, so the result is written out once instead of recomputed, through an
+            # index gather, at every position by the normalising pass that reads it.
+            return jnp.dot(sums_BC.reshape(B, G, C // G).sum(axis=-1) / n, member_GC,
+                           precision=jax.lax.Precision.HIGHEST)
+
+        offset_BC = -group_mean(jnp.sum(x, axis=(1, 2)))  # x + offset is centred
+        if pending_bias_C is not None:
+            b_C = pending_bias_C.astype(jnp.float32)
+            offset_BC = offset_BC + (b_C - jnp.repeat(b_C.reshape(G, C // G).mean(axis=-1), C // G))
+        d = x + offset_BC[:, None, None, :]
+        mul_BC = jax.lax.rsqrt(group_mean(jnp.sum(jnp.square(d), axis=(1, 2))) + self.epsilon) * scale_C
+        add_BC = offset_BC * mul_BC + bias_C
+        return (x * mul_BC[:, None, None, :] + add_BC[:, None, None, :]).astype(self.dtype)
 
 
 def _norm(name: str | None = None, dtype=jnp.float32) -> GroupNorm:
     return GroupNorm(dtype=dtype, name=name)
 
 
-def _conv(features: int, kernel: int = 3, name: str | None = None, dtype=jnp.float32) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), padding=kernel // 2, dtype=dtype, name=name)
+class Conv(nn.Module):
+    """`nn.Conv(features, (k, k), padding=k // 2)` with the same parameters (kernel (k, k, Cin,
+    Cout) and bias (Cout,): names, shapes, initialisers) and the same computation, which can
+    hand its bias back instead of adding it: `add_bias=False` returns (output without bias,
+    bias) for a GroupNorm (`pending_bias_C`) or residual add that takes it in where it reads
+    the output."""
+
+    features: int
+    kernel: int = 3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jnp.ndarray, add_bias: bool = True):
+        k = self.kernel
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
+        bias_C = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        x, kernel, bias_C = promote_dtype(x_BHWC, kernel, bias_C, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(k // 2, k // 2)] * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias_C if add_bias else (y, bias_C)
+
+
+def _conv(features: int, kernel: int = 3, name: str | None = None, dtype=jnp.float32) -> Conv:
+    return Conv(features, kernel, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -67,13 +108,18 @@ class ResnetBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32  # compute dtype (parameters stay float32)
 
     @nn.compact
-    def __call__(self, x_BHWC: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_BHWC: jnp.ndarray, pending_bias_C: jnp.ndarray | None = None) -> jnp.ndarray:
+        """x (+ pending_bias_C, a bias the convolution before handed over) -> the block's output."""
         d = self.dtype
-        h = _conv(self.out_channels, name="conv1", dtype=d)(nn.silu(_norm("norm1", d)(x_BHWC)))
-        h = _conv(self.out_channels, name="conv2", dtype=d)(nn.silu(_norm("norm2", d)(h)))
-        if x_BHWC.shape[-1] != self.out_channels:
-            x_BHWC = _conv(self.out_channels, 1, name="nin_shortcut", dtype=d)(x_BHWC)
-        return x_BHWC.astype(d) + h
+        h, b_C = _conv(self.out_channels, name="conv1", dtype=d)(
+            nn.silu(_norm("norm1", d)(x_BHWC, pending_bias_C)), add_bias=False)
+        h = _conv(self.out_channels, name="conv2", dtype=d)(nn.silu(_norm("norm2", d)(h, b_C)))
+        x = x_BHWC.astype(d)
+        if pending_bias_C is not None:
+            x = x + pending_bias_C.astype(d)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, name="nin_shortcut", dtype=d)(x)
+        return x + h
 
 
 class AttnBlock(nn.Module):
@@ -120,9 +166,9 @@ class _Level(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, h: jnp.ndarray, pending_bias_C: jnp.ndarray | None = None) -> jnp.ndarray:
         for i in range(self.num_blocks):
-            h = ResnetBlock(self.out_channels, self.dtype, name=f"block_{i}")(h)
+            h = ResnetBlock(self.out_channels, self.dtype, name=f"block_{i}")(h, pending_bias_C if i == 0 else None)
             if self.attn:
                 h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
         if self.resample == "down":
@@ -154,11 +200,11 @@ class Encoder(nn.Module):
         c = self.config
         d = self.dtype
         n = len(c.ch_mult)
-        h = _conv(c.ch, name="conv_in", dtype=d)(x_BHW3)
+        h, b_C = _conv(c.ch, name="conv_in", dtype=d)(x_BHW3, add_bias=False)  # b_C: added in down_0
         for i, mult in enumerate(c.ch_mult):
             last = i == n - 1
             h = _Level(c.ch * mult, c.num_res_blocks, attn=last and c.using_sa,
-                       resample=None if last else "down", dtype=d, name=f"down_{i}")(h)
+                       resample=None if last else "down", dtype=d, name=f"down_{i}")(h, b_C if i == 0 else None)
         h = _Mid(c.ch * c.ch_mult[-1], c.using_mid_sa, d, name="mid")(h)
         return _conv(c.z_channels, name="conv_out", dtype=d)(nn.silu(_norm("norm_out", d)(h))).astype(jnp.float32)
 
