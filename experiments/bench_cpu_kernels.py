@@ -29,6 +29,8 @@ interleaved so they share the machine's load:
   through XLA's TopK and a sort of the survivors (varjax's before), and upstream's
   sample_with_top_k_top_p_ masking written out in torch (topk, full sort, cumsum), each
   followed by the draw (jax.random.categorical; torch.multinomial);
+- resnet_blocks (when named): two of the VQVAE's ResnetBlocks at each encoder level's shape
+  (`--images` images), varjax's against upstream's forward written out in torch;
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
   options, XLA's defaults, and Eigen for everything (tokenize) or (teacher_forced, varjax's
   attention kernel in all) varjax's Dense products on MKL (varjax.cpu_gemm), then XLA's
@@ -67,7 +69,7 @@ XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this j
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention",
-         "sampling")
+         "sampling", "resnet_blocks")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the
 # first downsampling (upstream pads right/bottom, then stride 2 without padding)
 CONVS = [(2, 256, 3, 160, 1), (2, 256, 160, 160, 1), (2, 256, 160, 160, 2), (2, 128, 160, 160, 1),
@@ -281,6 +283,57 @@ def groupnorm_rows(reps: int, images: int) -> list[dict]:
     return _rows("groupnorm", shape, fns, reps, np.asarray)
 
 
+def resnet_block_rows(reps: int, images: int) -> list[dict]:
+    """Two ResnetBlocks at each encoder level's shape: varjax's module against upstream's
+    ResnetBlock.forward written out in torch (GroupNorm, in-place SiLU, Conv2d with bias;
+    dropout is off at inference), the same random weights."""
+    from varjax.vqvae import ResnetBlock
+
+    torch, rows = _torch(), []
+    for side, C in ((256, 160), (128, 160), (64, 320), (32, 320), (16, 640)):
+        rng = np.random.default_rng(0)
+        x_np = rng.normal(size=(images, side, side, C)).astype(np.float32)
+
+        def block_params():
+            def norm():
+                return {"scale": rng.uniform(0.5, 1.5, C).astype(np.float32), "bias": rng.normal(size=C).astype(np.float32) * 0.1}
+
+            def conv():
+                return {"kernel": (rng.normal(size=(3, 3, C, C)) / np.sqrt(9 * C)).astype(np.float32),
+                        "bias": rng.normal(size=C).astype(np.float32) * 0.1}
+            return {"norm1": norm(), "conv1": conv(), "norm2": norm(), "conv2": conv()}
+
+        blocks = [block_params(), block_params()]
+        params = {"params": {f"b{i}": jax.tree_util.tree_map(jnp.asarray, p) for i, p in enumerate(blocks)}}
+
+        class Two(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return ResnetBlock(C, name="b1")(ResnetBlock(C, name="b0")(x))
+
+        x = jnp.asarray(x_np)
+        fns = {"varjax": _compiled(lambda p, x: Two().apply(p, x), (params, x), XLA["varjax"])}
+        if torch is not None:
+            F = torch.nn.functional
+            tb = [{k: {n: torch.from_numpy(v.transpose(3, 2, 0, 1).copy() if n == "kernel" else v) for n, v in d.items()}
+                   for k, d in p.items()} for p in blocks]
+            tx = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+
+            def upstream_block(x, p):
+                def norm(h, q):
+                    return F.group_norm(h, 32, q["scale"], q["bias"], eps=1e-6)
+                h = F.conv2d(F.silu(norm(x, p["norm1"]), inplace=True), p["conv1"]["kernel"], p["conv1"]["bias"], padding=1)
+                h = F.conv2d(F.silu(norm(h, p["norm2"]), inplace=True), p["conv2"]["kernel"], p["conv2"]["bias"], padding=1)
+                return x + h
+
+            def run(tx=tx, tb=tb):
+                with torch.inference_mode():
+                    return upstream_block(upstream_block(tx, tb[0]), tb[1]).permute(0, 2, 3, 1)
+            fns["torch"] = run
+        rows += _rows("resnet_blocks", (images, side, side, C), fns, reps, np.asarray)
+    return rows
+
+
 def cached_attention_rows(reps: int, images: int) -> list[dict]:
     torch, rows = _torch(), []
     pn, heads, width = PATCH_NUMS_256, 16, 64
@@ -367,10 +420,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", action="append", choices=PARTS,
                     help="what to time (repeatable; default: conv, dot, attention, groupnorm; "
-                         "conv_form, tokenize, teacher_forced, cached_attention and sampling only when "
-                         "named)")
+                         "conv_form, tokenize, teacher_forced, cached_attention, sampling and "
+                         "resnet_blocks only when named)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs after one warm-up")
-    ap.add_argument("--images", type=int, default=2, help="images for attention, cached_attention, sampling and groupnorm")
+    ap.add_argument("--images", type=int, default=2, help="images for attention, cached_attention, sampling, groupnorm and "
+                    "resnet_blocks")
     args = ap.parse_args(argv)
     if args.reps < 1 or args.images < 1:
         print("bench_cpu_kernels: error: --reps and --images must be >= 1", file=sys.stderr)
@@ -382,7 +436,8 @@ def main(argv=None) -> int:
              "tokenize": lambda: model_rows("tokenize", args.reps, args.images),
              "teacher_forced": lambda: model_rows("teacher_forced", args.reps, args.images),
              "cached_attention": lambda: cached_attention_rows(args.reps, args.images),
-             "sampling": lambda: sampling_rows(args.reps, args.images)}
+             "sampling": lambda: sampling_rows(args.reps, args.images),
+             "resnet_blocks": lambda: resnet_block_rows(args.reps, args.images)}
     torch = _torch()
     env = {"jax": jax.__version__, "torch": torch.__version__ if torch else None,
            "torch_threads": torch.get_num_threads() if torch else None, "device": jax.devices()[0].device_kind}

@@ -3,7 +3,8 @@
 Builds one model preset (default VAR-d16 + the released VQVAE shape) with random weights
 (`varjax.model.init_params`), copies the same weights into upstream's PyTorch modules (the
 converter's key rule, run backwards), and times the two calls a user makes, interleaved in
-one process so both see the same machine load:
+one process so both see the same machine load, the order reversed every other repetition
+(`--fixed-order`: upstream first every time, as before 2026-12-02):
 
 - tokenize: uint8 images -> the K token maps (upstream `VQVAE.img_to_idxBl`);
 - teacher_forced: tokens -> teacher-forcing input -> logits and the 48 recorded unit vectors
@@ -161,8 +162,9 @@ def varjax_calls(model: Model, images: np.ndarray, labels: np.ndarray, xla_defau
             lambda tokens: jax.block_until_ready(model.teacher_forced(labels, tokens)))
 
 
-def compare(contenders: dict, images: np.ndarray, reps: int) -> list[dict]:
-    """Times every contender's two calls, interleaved; returns one row per call (and both).
+def compare(contenders: dict, images: np.ndarray, reps: int, fixed_order: bool = False) -> list[dict]:
+    """Times every contender's two calls, interleaved, in alternating order; returns one row
+    per call (and both).
 
     contenders: name -> (tokenize(), teacher_forced(tokens)); the first is the reference
     of the ratios (ratio > 1: the other is faster). The last outputs are kept in `outputs`.
@@ -171,7 +173,12 @@ def compare(contenders: dict, images: np.ndarray, reps: int) -> list[dict]:
     cpu = {(who, call): [] for who in contenders for call in CALLS}
     outputs = {}
     for rep in range(reps + 1):  # rep 0 warms up (compiles varjax, allocates torch)
-        for who, (tok, tf) in contenders.items():
+        # Every other repetition in reverse order, so that each contender's calls follow each
+        # other contender's equally often: what ran just before a call changes its time (in
+        # the fixed order, upstream's tokenize always follows varjax's teacher forcing, which
+        # runs MKL, and ran faster than it does after its own; compare with --fixed-order).
+        order = list(contenders.items())
+        for who, (tok, tf) in (order[::-1] if rep % 2 and not fixed_order else order):
             t_tok, c_tok, tokens = _timed(tok)
             t_tf, c_tf, out = _timed(lambda: tf(tokens))
             if rep:
@@ -231,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--xla-defaults", action="store_true",
                     help="also time varjax compiled with XLA's default CPU kernels and the einsum "
                          "attention (varjax_xla_defaults: the settings before they were tuned)")
+    ap.add_argument("--fixed-order", action="store_true",
+                    help="time the contenders in the same order in every repetition (upstream "
+                         "first), as before 2026-12-02, instead of reversing it every other time")
     args = ap.parse_args(argv)
     if args.images < 1 or args.reps < 1:
         print("bench_upstream: error: --images and --reps must be >= 1", file=sys.stderr)
@@ -257,10 +267,11 @@ def main(argv=None) -> int:
     if args.xla_defaults:
         contenders["varjax_xla_defaults"] = varjax_calls(model, images, labels, xla_defaults=True)
     with jax.default_matmul_precision("highest"):
-        rows, outputs = compare(contenders, images, args.reps)
+        rows, outputs = compare(contenders, images, args.reps, args.fixed_order)
     rows += [_agreement(*outputs["upstream"], *outputs[who], who) for who in list(contenders)[1:]]
     for row in rows:
-        print(json.dumps({"config": args.config, **row, **_environment()}), flush=True)
+        order = "fixed" if args.fixed_order else "alternating"
+        print(json.dumps({"config": args.config, **row, "order": order, **_environment()}), flush=True)
     return 0
 
 
