@@ -16,7 +16,8 @@ interleaved so they share the machine's load:
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
-  varjax's, and torch's;
+  varjax's (also under `ynn_eltwise` and `vector_width_512`, two option sets not taken), and
+  torch's;
 - conv_form (when named): the largest convolution as NCHW, as 9 shifted products and as one
   im2col product, against the NHWC convolution;
 - cached_attention (when named): the sampler's attention in one d16 block, each scale's
@@ -32,9 +33,10 @@ interleaved so they share the machine's load:
 - resnet_blocks (when named): two of the VQVAE's ResnetBlocks at each encoder level's shape
   (`--images` images), varjax's against upstream's forward written out in torch;
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
-  options, XLA's defaults, and Eigen for everything (tokenize) or (teacher_forced, varjax's
-  attention kernel in all) varjax's Dense products on MKL (varjax.cpu_gemm), then XLA's
-  products under varjax's options (YNNPACK), Eigen's and oneDNN's.
+  options, XLA's defaults, Eigen for everything, YNNPACK's element-wise fusions and 512-bit
+  loops (tokenize) or (teacher_forced, varjax's attention kernel in all) varjax's Dense
+  products on MKL (varjax.cpu_gemm), then XLA's products under varjax's options (YNNPACK),
+  Eigen's and oneDNN's, and varjax's with 512-bit loops.
 torch is optional (its rows are left out without it).
 """
 
@@ -67,7 +69,18 @@ XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this j
     "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    # YNNPACK's element-wise fusions too (it then also takes the convolutions next to them)
+    "ynn_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}INDIVIDUAL_DOT,{_LIB}REDUCE,{_LIB}ELTWISE"},
+    "vector_width_512": None,  # varjax's options, loops emitted 16 floats wide (ON_TOP)
 }
+ON_TOP = {"vector_width_512": {"xla_cpu_prefer_vector_width": 512}}  # added to varjax's options
+
+
+def _options(name: str) -> dict:
+    """The compile options of XLA[name]."""
+    if XLA[name] is None:
+        return {**compiler_options(), **ON_TOP.get(name, {})}
+    return dict(XLA[name])
 PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention",
          "sampling", "resnet_blocks")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the
@@ -190,8 +203,8 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
     cfg = config_lib.released(16)
     model = Model(cfg, init_params(cfg, seed=0))
     imgs = _synthetic_images(images, 1, cfg.resolution, seed=1)[:, 0]
-    names = ("varjax", "xla_default", "eigen_all") if call == "tokenize" else ("varjax", "ynnpack_dot", "eigen_dot",
-                                                                              "xla_default", "onednn_dot")
+    names = (("varjax", "xla_default", "eigen_all", "ynn_eltwise", "vector_width_512") if call == "tokenize" else
+             ("varjax", "ynnpack_dot", "eigen_dot", "xla_default", "onednn_dot", "vector_width_512"))
     fns = {}
     with jax.default_matmul_precision("highest"):
         if call == "tokenize":
@@ -203,8 +216,8 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
             lowered = _teacher_forced.xla_defaults.lower(model.var, *args)
             with_mkl = _teacher_forced.lower(model.var, *args)  # varjax's: Dense products on MKL where it can
         for name in names:
-            low = with_mkl if call == "teacher_forced" and name == "varjax" else lowered
-            c = low.compile(compiler_options() if XLA[name] is None else dict(XLA[name]))
+            low = with_mkl if call == "teacher_forced" and name in ("varjax", "vector_width_512") else lowered
+            c = low.compile(_options(name))
             fns[name] = lambda c=c: jax.block_until_ready(c(*args))
     flat = (lambda out: np.concatenate([np.asarray(t) for t in out], axis=1)) if call == "tokenize" \
         else (lambda out: np.asarray(out[0]))
@@ -271,6 +284,8 @@ def groupnorm_rows(reps: int, images: int) -> list[dict]:
     flax_gn = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
     fns = {"flax": _compiled(lambda x: nn.silu(flax_gn.apply(params, x)), (x,), XLA["varjax"]),
            "varjax": _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), XLA["varjax"])}
+    for name in ("ynn_eltwise", "vector_width_512"):  # the same under two option sets not taken
+        fns[f"varjax_{name}"] = _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), _options(name))
     if torch is not None:
         layer = torch.nn.GroupNorm(32, 160, eps=1e-6)
         layer.weight.data, layer.bias.data = torch.from_numpy(scale), torch.from_numpy(bias)
