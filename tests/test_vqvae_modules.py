@@ -72,3 +72,18 @@ def test_conv_has_nn_convs_parameters_and_output():
         y, b = Conv(6, k).apply(params, x, add_bias=False)
         np.testing.assert_array_equal(np.asarray(b), np.asarray(params["params"]["bias"]))
         np.testing.assert_array_equal(np.asarray(y + b), want)
+
+
+@pytest.mark.parametrize("num_blocks", [0, 1, 2])
+def test_a_level_takes_a_handed_over_bias_as_if_added(num_blocks):
+    from varjax.vqvae import _Level
+
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(1, 8, 8, 64)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(64,)) * 2, jnp.float32)
+    level = _Level(64, num_blocks, attn=False, resample="down")
+    params = level.init(jax.random.PRNGKey(5), h)
+    params = jax.tree_util.tree_map_with_path(  # biases that are not zero
+        lambda path, a: a + 0.3 if path[-1].key == "bias" else a, params)
+    want = np.asarray(level.apply(params, h + b))
+    np.testing.assert_allclose(np.asarray(level.apply(params, h, b)), want, rtol=0, atol=2e-5)

@@ -171,6 +171,8 @@ class _Level(nn.Module):
             h = ResnetBlock(self.out_channels, self.dtype, name=f"block_{i}")(h, pending_bias_C if i == 0 else None)
             if self.attn:
                 h = AttnBlock(self.dtype, name=f"attn_{i}")(h)
+        if pending_bias_C is not None and self.num_blocks == 0:  # no block took it over
+            h = h + pending_bias_C.astype(h.dtype)
         if self.resample == "down":
             h = Downsample(self.dtype, name="downsample")(h)
         elif self.resample == "up":
