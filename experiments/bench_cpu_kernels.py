@@ -71,16 +71,15 @@ XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this j
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
     # YNNPACK's element-wise fusions too (it then also takes the convolutions next to them)
     "ynn_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}INDIVIDUAL_DOT,{_LIB}REDUCE,{_LIB}ELTWISE"},
-    "vector_width_512": None,  # varjax's options, loops emitted 16 floats wide (ON_TOP)
 }
-ON_TOP = {"vector_width_512": {"xla_cpu_prefer_vector_width": 512}}  # added to varjax's options
+ON_TOP = {"vector_width_512": {"xla_cpu_prefer_vector_width": 512}}  # varjax's options plus these
 
 
 def _options(name: str) -> dict:
-    """The compile options of XLA[name]."""
-    if XLA[name] is None:
-        return {**compiler_options(), **ON_TOP.get(name, {})}
-    return dict(XLA[name])
+    """The compile options of XLA[name] or ON_TOP[name]."""
+    if name in ON_TOP:
+        return {**compiler_options(), **ON_TOP[name]}
+    return compiler_options() if XLA[name] is None else dict(XLA[name])
 PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention",
          "sampling", "resnet_blocks")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the

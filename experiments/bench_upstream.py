@@ -174,9 +174,9 @@ def compare(contenders: dict, images: np.ndarray, reps: int, fixed_order: bool =
     outputs = {}
     for rep in range(reps + 1):  # rep 0 warms up (compiles varjax, allocates torch)
         # Every other repetition in reverse order, so that each contender's calls follow each
-        # other contender's equally often: what ran just before a call changes its time (in
-        # the fixed order, upstream's tokenize always follows varjax's teacher forcing, which
-        # runs MKL, and ran faster than it does after its own; compare with --fixed-order).
+        # other contender's equally often: what ran just before a call can change its time (in
+        # the fixed order upstream's tokenize always follows varjax's teacher forcing, which
+        # runs MKL, and was sometimes faster there; compare with --fixed-order).
         order = list(contenders.items())
         for who, (tok, tf) in (order[::-1] if rep % 2 and not fixed_order else order):
             t_tok, c_tok, tokens = _timed(tok)

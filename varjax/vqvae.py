@@ -63,10 +63,9 @@ class GroupNorm(nn.Module):
             return jnp.dot(sums_BC.reshape(B, G, C // G).sum(axis=-1) / n, member_GC,
                            precision=jax.lax.Precision.HIGHEST)
 
-        offset_BC = -group_mean(jnp.sum(x, axis=(1, 2)))  # x + offset is centred
-        if pending_bias_C is not None:
-            b_C = pending_bias_C.astype(jnp.float32)
-            offset_BC = offset_BC + (b_C - jnp.repeat(b_C.reshape(G, C // G).mean(axis=-1), C // G))
+        sums_BC = jnp.sum(x, axis=(1, 2))
+        b_C = jnp.zeros((C,), jnp.float32) if pending_bias_C is None else pending_bias_C.astype(jnp.float32)
+        offset_BC = b_C - group_mean(sums_BC + H * W * b_C)  # x + offset is (x + b) centred
         d = x + offset_BC[:, None, None, :]
         mul_BC = jax.lax.rsqrt(group_mean(jnp.sum(jnp.square(d), axis=(1, 2))) + self.epsilon) * scale_C
         add_BC = offset_BC * mul_BC + bias_C
