@@ -18,7 +18,10 @@ one process so both see the same machine load, the order reversed every other re
 package is imported from there. Prints one JSON line per call (and one for both) with min and
 median wall seconds over `--reps` repetitions (after one warm-up each), the least CPU seconds
 this process used for it (steadier than wall time on a shared machine; both libraries use
-one thread per core), the ratios upstream / varjax (> 1: varjax is faster), and per varjax
+one thread per core), the ratios upstream / varjax (> 1: varjax is faster): of the best
+times, of the medians, and per repetition (`ratio_paired_gmean` with its 95% interval
+`ratio_paired_ci95`: each repetition times both side by side, so its ratio is free of the
+machine's slower drifts; see `paired_ratio`), and per varjax
 variant a check that it computed what upstream did (identical tokens, logits and unit
 differences), so a fast wrong answer cannot pass for a speed-up. `--xla-defaults` adds varjax
 compiled with XLA's default CPU kernels and the einsum attention (the settings before
@@ -162,6 +165,29 @@ def varjax_calls(model: Model, images: np.ndarray, labels: np.ndarray, xla_defau
             lambda tokens: jax.block_until_ready(model.teacher_forced(labels, tokens)))
 
 
+def paired_ratio(ref_s, other_s, confidence: float = 0.95) -> dict:
+    """The speed ratio ref / other with its uncertainty, from repetitions timed side by side.
+
+    Each repetition times both contenders within seconds of each other, so its own ratio
+    ref_s[i] / other_s[i] is free of the machine's slower drifts (another job starting or
+    ending, the CPU's clock), which move the best-of-n and median ratios. Returns `paired_gmean`, the geometric
+    mean of the per-repetition ratios; `paired_ci95`, its `confidence` interval (Student's t
+    on the log ratios; None with one repetition); and `paired_share_ge_1`, the share of
+    repetitions in which `other` was at least as fast.
+    """
+    from scipy import stats as sps
+
+    if len(ref_s) != len(other_s) or not len(ref_s):
+        raise ValueError("paired_ratio: ref_s and other_s need the same, non-zero number of repetitions")
+    logs = np.log(np.asarray(ref_s, np.float64) / np.asarray(other_s, np.float64))
+    out = {"paired_gmean": round(float(np.exp(logs.mean())), 4), "paired_ci95": None,
+           "paired_share_ge_1": round(float(np.mean(logs >= 0)), 3)}
+    if len(logs) > 1:
+        half = sps.t.ppf(0.5 + confidence / 2, len(logs) - 1) * logs.std(ddof=1) / np.sqrt(len(logs))
+        out["paired_ci95"] = [round(float(np.exp(logs.mean() - half)), 4), round(float(np.exp(logs.mean() + half)), 4)]
+    return out
+
+
 def compare(contenders: dict, images: np.ndarray, reps: int, fixed_order: bool = False) -> list[dict]:
     """Times every contender's two calls, interleaved, in alternating order; returns one row
     per call (and both).
@@ -199,9 +225,11 @@ def compare(contenders: dict, images: np.ndarray, reps: int, fixed_order: bool =
             row[f"{who}_median_s"] = round(statistics.median(runs(times, who)), 3)
             row[f"{who}_cpu_min_s"] = round(min(runs(cpu, who)), 3)
         for who in list(contenders)[1:]:
+            suffix = "" if who == "varjax" else f"_{who}"
             for stat in ("min", "median", "cpu_min"):
-                row[f"ratio_{stat}" + ("" if who == "varjax" else f"_{who}")] = round(
-                    row[f"{ref}_{stat}_s"] / row[f"{who}_{stat}_s"], 3)
+                row[f"ratio_{stat}{suffix}"] = round(row[f"{ref}_{stat}_s"] / row[f"{who}_{stat}_s"], 3)
+            for key, value in paired_ratio(runs(times, ref), runs(times, who)).items():
+                row[f"ratio_{key}{suffix}"] = value
         rows.append(row)
     return rows, outputs
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +112,28 @@ def test_bench_upstream_refuses_a_path_that_is_no_checkout(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 2 and "not a FoundationVision/VAR checkout" in res.stderr
     assert res.stderr.count("\n") == 1 and not res.stdout
+
+
+def test_paired_ratio_follows_each_repetition_not_the_drift():
+    from experiments.bench_upstream import paired_ratio
+
+    # varjax 1.1x faster in every repetition while the machine slows down 2x over the run:
+    # the per-repetition ratio is exact, its interval has no width.
+    ref = np.linspace(2.0, 4.0, 8)
+    tight = paired_ratio(ref, ref / 1.1)
+    assert tight["paired_gmean"] == 1.1 and tight["paired_ci95"] == [1.1, 1.1]
+    assert tight["paired_share_ge_1"] == 1.0
+    # Ratios 1 and 1.21 (log ratios 0 and 2a, a = ln 1.1): mean a, standard error a, and the
+    # 95% t quantile with one degree of freedom 12.706.
+    two = paired_ratio([1.0, 1.21], [1.0, 1.0])
+    assert two["paired_gmean"] == 1.1 and two["paired_share_ge_1"] == 1.0
+    a = np.log(1.1)
+    assert two["paired_ci95"] == pytest.approx([np.exp(a - 12.7062 * a), np.exp(a + 12.7062 * a)], rel=1e-3)
+    # Slower in half the repetitions; one repetition has no interval; unequal lengths refused.
+    assert paired_ratio([1.0, 1.0], [0.9, 1.1])["paired_share_ge_1"] == 0.5
+    assert paired_ratio([2.0], [1.0]) == {"paired_gmean": 2.0, "paired_ci95": None, "paired_share_ge_1": 1.0}
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_cpu_kernel_rows_compare_like_with_like():
