@@ -5,9 +5,12 @@ varjax/attention.py, the GroupNorm of varjax/vqvae.py), each against PyTorch's C
     python experiments/bench_cpu_kernels.py --part conv --reps 7
 
 One JSON line per (part, shape, implementation): min and median wall seconds over `--reps`
-runs after a warm-up, the least CPU seconds of this process, and the largest difference from
-the first implementation of the row's part. All float32 at highest precision, implementations
-interleaved so they share the machine's load:
+runs after a warm-up, the least CPU seconds of this process, the largest difference from the
+first implementation of the row's part, and the speed ratio to it per repetition with its 95%
+interval (`ratio_paired_*`, > 1: faster than the first). All float32 at highest precision,
+implementations interleaved (the order reversed every other repetition) so they share the
+machine's load. The option sets (`XLA` below) are varjax's (varjax/xla_options.py) with one
+choice changed, or XLA's defaults. The parts:
 - conv: the d16 VQVAE encoder's 3x3 convolutions under XLA's default kernels (YNNPACK),
   varjax's options (Eigen), and torch.nn.Conv2d (oneDNN);
 - dot: the transformer's products (2 images x 680 tokens; fc1 at three of the sampler's
@@ -16,7 +19,7 @@ interleaved so they share the machine's load:
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
-  varjax's (also under `ynn_eltwise` and `vector_width_512`, two option sets not taken), and
+  varjax's (also under `ynn_eltwise`, not taken, and `vector_width_256`, XLA's default width), and
   torch's;
 - conv_form (when named): the largest convolution as NCHW, as 9 shifted products and as one
   im2col product, against the NHWC convolution;
@@ -33,10 +36,10 @@ interleaved so they share the machine's load:
 - resnet_blocks (when named): two of the VQVAE's ResnetBlocks at each encoder level's shape
   (`--images` images), varjax's against upstream's forward written out in torch;
 - tokenize, teacher_forced (when named): the whole d16 call (2 images) under varjax's
-  options, XLA's defaults, Eigen for everything, YNNPACK's element-wise fusions and 512-bit
-  loops (tokenize) or (teacher_forced, varjax's attention kernel in all) varjax's Dense
-  products on MKL (varjax.cpu_gemm), then XLA's products under varjax's options (YNNPACK),
-  Eigen's and oneDNN's, and varjax's with 512-bit loops.
+  options, XLA's defaults, Eigen for everything, YNNPACK's element-wise fusions and XLA's
+  default 256-bit loops (tokenize) or (teacher_forced, varjax's attention kernel in all)
+  varjax's Dense products on MKL (varjax.cpu_gemm), then XLA's products under varjax's
+  options (YNNPACK), Eigen's and oneDNN's, and varjax's with 256-bit loops.
 torch is optional (its rows are left out without it).
 """
 
@@ -61,25 +64,27 @@ from varjax.vqvae import GroupNorm
 from varjax.xla_options import compiler_options
 
 _LIB = "LIBRARY_FUSION_TYPE_"
-XLA = {  # name -> compile options ("varjax": varjax/xla_options.py's, as this jaxlib takes them)
-    "xla_default": {},
-    "varjax": None,
-    "ynnpack_dot": None,  # varjax's options with XLA's (YNNPACK's) products, not MKL's
+XLA = {  # name -> how its compile options differ from varjax's (varjax/xla_options.py's, as
+    # this jaxlib takes them); None: XLA's own defaults, none of varjax's options
+    "xla_default": None,
+    "varjax": {},
+    "ynnpack_dot": {},  # varjax's options with XLA's (YNNPACK's) products, not MKL's
     "eigen_dot": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}REDUCE"},  # products on Eigen
     "onednn_dot": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                    "xla_cpu_experimental_onednn_fusion_type": f"{_LIB}INDIVIDUAL_DOT"},
     "eigen_all": {"xla_cpu_experimental_ynn_fusion_type": ""},
     # YNNPACK's element-wise fusions too (it then also takes the convolutions next to them)
     "ynn_eltwise": {"xla_cpu_experimental_ynn_fusion_type": f"{_LIB}INDIVIDUAL_DOT,{_LIB}REDUCE,{_LIB}ELTWISE"},
+    # XLA's default vector width for its own loops (varjax prefers 512 bits since 2026-12-02)
+    "vector_width_256": {"xla_cpu_prefer_vector_width": 256},
 }
-ON_TOP = {"vector_width_512": {"xla_cpu_prefer_vector_width": 512}}  # varjax's options plus these
 
 
 def _options(name: str) -> dict:
-    """The compile options of XLA[name] or ON_TOP[name]."""
-    if name in ON_TOP:
-        return {**compiler_options(), **ON_TOP[name]}
-    return compiler_options() if XLA[name] is None else dict(XLA[name])
+    """The compile options of XLA[name]."""
+    return {} if XLA[name] is None else {**compiler_options(), **XLA[name]}
+
+
 PARTS = ("conv", "dot", "attention", "groupnorm", "conv_form", "tokenize", "teacher_forced", "cached_attention",
          "sampling", "resnet_blocks")
 # (images, side, in channels, out channels, stride): conv_in, each level's 3x3 convs, the
@@ -99,12 +104,13 @@ def _torch():
 
 
 def _time(fns: dict, reps: int) -> dict:
-    """name -> (wall runs, cpu runs, last output), interleaved after one warm-up each."""
+    """name -> (wall runs, cpu runs, last output), interleaved after one warm-up each, in
+    reverse order every other repetition (what ran just before can change a call's time)."""
     walls = {k: [] for k in fns}
     cpus = {k: [] for k in fns}
     outs = {}
     for rep in range(reps + 1):
-        for k, fn in fns.items():
+        for k, fn in (list(fns.items())[::-1] if rep % 2 else fns.items()):
             t0, c0 = time.perf_counter(), time.process_time()
             outs[k] = fn()
             if rep:
@@ -114,16 +120,27 @@ def _time(fns: dict, reps: int) -> dict:
 
 
 def _rows(part: str, shape, fns: dict, reps: int, to_numpy) -> list[dict]:
+    """One row per implementation; `max_abs_diff` and `ratio_paired_*` (the first
+    implementation's time over this one's per repetition: > 1, this one is faster; see
+    bench_upstream.paired_ratio) against the first."""
+    if __package__:
+        from experiments.bench_upstream import paired_ratio
+    else:  # run as a script: experiments/ is on the path
+        from bench_upstream import paired_ratio
     res = _time(fns, reps)
-    ref = to_numpy(next(iter(res.values()))[2])
+    first_walls, _, first_out = next(iter(res.values()))
+    ref = to_numpy(first_out)
     return [{"part": part, "shape": list(shape), "impl": k, "min_s": round(min(w), 4),
              "median_s": round(statistics.median(w), 4), "cpu_min_s": round(min(c), 4),
-             "max_abs_diff": float(np.max(np.abs(to_numpy(o) - ref)))} for k, (w, c, o) in res.items()]
+             "max_abs_diff": float(np.max(np.abs(to_numpy(o) - ref))),
+             **{f"ratio_{key}": v for key, v in paired_ratio(first_walls, w).items()}}
+            for k, (w, c, o) in res.items()]
 
 
-def _compiled(f, args, options: dict):
+def _compiled(f, args, name: str):
+    """f compiled for args under the option set XLA[name], timed by calling it."""
     with jax.default_matmul_precision("highest"):
-        c = jax.jit(f).lower(*args).compile(compiler_options() if options is None else dict(options))
+        c = jax.jit(f).lower(*args).compile(_options(name))
     return lambda: jax.block_until_ready(c(*args))
 
 
@@ -143,7 +160,7 @@ def conv_rows(reps: int) -> list[dict]:
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
         args = (jnp.asarray(x_np), jnp.asarray(w_np))
-        fns = {k: _compiled(conv, args, XLA[k]) for k in ("xla_default", "varjax")}
+        fns = {k: _compiled(conv, args, k) for k in ("xla_default", "varjax")}
         if torch is not None:
             layer = torch.nn.Conv2d(ci, co, 3, stride=stride, padding=1 if stride == 1 else 0, bias=False)
             layer.weight.data = torch.from_numpy(w_np.transpose(3, 2, 0, 1).copy())
@@ -184,7 +201,7 @@ def conv_form_rows(reps: int) -> list[dict]:
     def im2col(x, w):
         return jnp.einsum("bhwc,cd->bhwd", jnp.concatenate(taps(x), axis=-1), w.reshape(9 * C, C))
 
-    fns = {name: _compiled(f, (x, w), XLA["varjax"]) for name, f in
+    fns = {name: _compiled(f, (x, w), "varjax") for name, f in
            (("nhwc", nhwc), ("nchw", nchw), ("shifted_products", shifted), ("im2col_product", im2col))}
     return _rows("conv_form", (B, H, C, C), fns, reps, np.asarray)
 
@@ -202,8 +219,8 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
     cfg = config_lib.released(16)
     model = Model(cfg, init_params(cfg, seed=0))
     imgs = _synthetic_images(images, 1, cfg.resolution, seed=1)[:, 0]
-    names = (("varjax", "xla_default", "eigen_all", "ynn_eltwise", "vector_width_512") if call == "tokenize" else
-             ("varjax", "ynnpack_dot", "eigen_dot", "xla_default", "onednn_dot", "vector_width_512"))
+    names = (("varjax", "xla_default", "eigen_all", "ynn_eltwise", "vector_width_256") if call == "tokenize" else
+             ("varjax", "ynnpack_dot", "eigen_dot", "xla_default", "onednn_dot", "vector_width_256"))
     fns = {}
     with jax.default_matmul_precision("highest"):
         if call == "tokenize":
@@ -215,7 +232,7 @@ def model_rows(call: str, reps: int, images: int) -> list[dict]:
             lowered = _teacher_forced.xla_defaults.lower(model.var, *args)
             with_mkl = _teacher_forced.lower(model.var, *args)  # varjax's: Dense products on MKL where it can
         for name in names:
-            low = with_mkl if call == "teacher_forced" and name in ("varjax", "vector_width_512") else lowered
+            low = with_mkl if call == "teacher_forced" and name in ("varjax", "vector_width_256") else lowered
             c = low.compile(_options(name))
             fns[name] = lambda c=c: jax.block_until_ready(c(*args))
     flat = (lambda out: np.concatenate([np.asarray(t) for t in out], axis=1)) if call == "tokenize" \
@@ -230,10 +247,10 @@ def dot_rows(reps: int) -> list[dict]:
         rng = np.random.default_rng(0)
         a_np, b_np = rng.normal(size=(M, K)).astype(np.float32), rng.normal(size=(K, N)).astype(np.float32)
         args = (jnp.asarray(a_np), jnp.asarray(b_np))
-        fns = {k: _compiled(jnp.dot, args, XLA[k]) for k in ("ynnpack_dot", "eigen_dot", "onednn_dot")}
+        fns = {k: _compiled(jnp.dot, args, k) for k in ("ynnpack_dot", "eigen_dot", "onednn_dot")}
         if cpu_gemm.status()[0]:
             fns["mkl"] = _compiled(cpu_gemm.traced(lambda a, b: cpu_gemm.dot_general(a, b, (((1,), (0,)), ((), ())))),
-                                   args, XLA["varjax"])
+                                   args, "varjax")
         if torch is not None:
             ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
             fns["torch"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
@@ -259,7 +276,7 @@ def attention_rows(reps: int, images: int) -> list[dict]:
     def blocked(q, k, v):
         return attention_lib.blocked(q, k, v, mask, pn, 1.0, jnp.float32)
 
-    fns = {"einsum": _compiled(einsum, args, XLA["varjax"]), "blocked": _compiled(blocked, args, XLA["varjax"])}
+    fns = {"einsum": _compiled(einsum, args, "varjax"), "blocked": _compiled(blocked, args, "varjax")}
     if torch is not None:
         tq, tk, tv = (torch.from_numpy(a.transpose(0, 2, 1, 3).copy()) for a in (q, k, v))
         bias = torch.where(torch.from_numpy(np.asarray(mask)), 0.0, -torch.inf)
@@ -281,10 +298,10 @@ def groupnorm_rows(reps: int, images: int) -> list[dict]:
     params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
     x = jnp.asarray(x_np)
     flax_gn = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
-    fns = {"flax": _compiled(lambda x: nn.silu(flax_gn.apply(params, x)), (x,), XLA["varjax"]),
-           "varjax": _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), XLA["varjax"])}
-    for name in ("ynn_eltwise", "vector_width_512"):  # the same under two option sets not taken
-        fns[f"varjax_{name}"] = _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), _options(name))
+    fns = {"flax": _compiled(lambda x: nn.silu(flax_gn.apply(params, x)), (x,), "varjax"),
+           "varjax": _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), "varjax")}
+    for name in ("ynn_eltwise", "vector_width_256"):  # the same under two other option sets
+        fns[f"varjax_{name}"] = _compiled(lambda x: nn.silu(GroupNorm().apply(params, x)), (x,), name)
     if torch is not None:
         layer = torch.nn.GroupNorm(32, 160, eps=1e-6)
         layer.weight.data, layer.bias.data = torch.from_numpy(scale), torch.from_numpy(bias)
@@ -326,7 +343,7 @@ def resnet_block_rows(reps: int, images: int) -> list[dict]:
                 return ResnetBlock(C, name="b1")(ResnetBlock(C, name="b0")(x))
 
         x = jnp.asarray(x_np)
-        fns = {"varjax": _compiled(lambda p, x: Two().apply(p, x), (params, x), XLA["varjax"])}
+        fns = {"varjax": _compiled(lambda p, x: Two().apply(p, x), (params, x), "varjax")}
         if torch is not None:
             F = torch.nn.functional
             tb = [{k: {n: torch.from_numpy(v.transpose(3, 2, 0, 1).copy() if n == "kernel" else v) for n, v in d.items()}
@@ -367,9 +384,9 @@ def cached_attention_rows(reps: int, images: int) -> list[dict]:
             logits = jnp.einsum("bqhc,bhck->bhqk", q, k)
             return jnp.einsum("bhqk,bhkc->bqhc", jax.nn.softmax(logits, axis=-1), v)
 
-        fns = {"einsum": _compiled(einsum, args, XLA["varjax"]),
+        fns = {"einsum": _compiled(einsum, args, "varjax"),
                "cached": _compiled(lambda q, k, v: attention_lib.cached(q, k, v, 1.0, jnp.float32), args,
-                                   XLA["varjax"])}
+                                   "varjax")}
         if torch is not None:
             tq, tk, tv = (torch.from_numpy(a) for a in (q.transpose(0, 2, 1, 3).copy(), k.transpose(0, 1, 3, 2).copy(), v))
 
@@ -410,7 +427,7 @@ def sampling_rows(reps: int, images: int) -> list[dict]:
         kept = jnp.where(x >= v, x, -jnp.inf)
         return jax.random.categorical(key, kept, axis=-1), jnp.isfinite(kept)
 
-    fns = {"bisection": _compiled(bisection, (x,), XLA["varjax"]), "topk_sort": _compiled(topk_sort, (x,), XLA["varjax"])}
+    fns = {"bisection": _compiled(bisection, (x,), "varjax"), "topk_sort": _compiled(topk_sort, (x,), "varjax")}
     if torch is not None:
         tx = torch.from_numpy(x_np)
 
