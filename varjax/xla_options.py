@@ -22,12 +22,13 @@ see README "This 2-core CPU"):
   call, 2.73 s. `experiments/bench_cpu_kernels.py --part dot --part teacher_forced`.)
 - 512-bit vectors for the loops XLA generates itself (`xla_cpu_prefer_vector_width`; its
   default is 256 bits, and a CPU without AVX-512 keeps 256). On this AVX-512 CPU the d16
-  tokenizer ran 3.1% faster (95% interval 1.3-5.0%, twelve paired repetitions; its
-  element-wise work is the GroupNorms' normalise-and-SiLU passes) with identical tokens;
-  teacher forcing and the sampler ran as fast as before (0.997 and 1.006, intervals across
-  1), their results within 5e-6 of before (the loops' sums split differently). Measured with
-  `experiments/bench_cpu_kernels.py --part tokenize --part teacher_forced` (`vector_width_256`
-  against `varjax`).
+  tokenizer's element-wise passes (the GroupNorms' normalise-and-SiLU) ran faster: with
+  256-bit loops tokenize ran at 0.968 of this speed (paired ratio, 95% interval
+  0.938-0.998, eight repetitions), tokens identical; teacher forcing ran as fast (1.010,
+  interval 0.976-1.044), its logits within 2.7e-6 of before (the loops' sums split
+  differently).
+  `python experiments/bench_cpu_kernels.py --part tokenize --part teacher_forced --reps 8`,
+  the `vector_width_256` rows; the sampler was not re-timed.
 - Not an XLA option, but compiled the same way: on a one-device CPU the transformer's Dense
   products go to MKL's sgemm through an FFI call (varjax/cpu_gemm.py), since none of the
   three products above matches MKL's at 1000+ rows. `varjax_jit` (and `jit`, and so teacher
@@ -37,8 +38,9 @@ see README "This 2-core CPU"):
   (experiments/train_planted.py pins one thread through XLA_FLAGS for reproducible training.)
 
 A jaxlib that does not know an option (an older one) keeps XLA's default for it:
-`compiler_options` tries each once on a trivial program. To compare with XLA's defaults, compile the same
-function with plain `jax.jit` (experiments/bench_upstream.py `--xla-defaults` does).
+`compiler_options` tries each once on a trivial program. To compare with XLA's defaults,
+compile the same function with plain `jax.jit` (experiments/bench_upstream.py `--xla-defaults`
+does).
 """
 
 from __future__ import annotations
