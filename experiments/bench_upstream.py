@@ -170,10 +170,12 @@ def paired_ratio(ref_s, other_s, confidence: float = 0.95) -> dict:
 
     Each repetition times both contenders within seconds of each other, so its own ratio
     ref_s[i] / other_s[i] is free of the machine's slower drifts (another job starting or
-    ending, the CPU's clock), which move the best-of-n and median ratios. Returns `paired_gmean`, the geometric
-    mean of the per-repetition ratios; `paired_ci95`, its `confidence` interval (Student's t
-    on the log ratios; None with one repetition); and `paired_share_ge_1`, the share of
-    repetitions in which `other` was at least as fast.
+    ending, the CPU's clock), which move the best-of-n and median ratios. Returns
+    `paired_gmean`, the geometric mean of the per-repetition ratios; `paired_ci95`, its
+    `confidence` interval (Student's t on the log ratios; None with one repetition); and
+    `paired_share_ge_1`, the share of repetitions in which `other` was at least as fast.
+    The interval covers the noise within one run: separate runs of the same code on this
+    project's machine gave intervals that did not overlap, so a claim needs several runs.
     """
     from scipy import stats as sps
 
