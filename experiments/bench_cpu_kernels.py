@@ -19,8 +19,8 @@ choice changed, or XLA's defaults. The parts:
 - attention: one d16 block's attention core, `einsum` and `blocked` (varjax/attention.py) and
   torch's scaled_dot_product_attention with the mask as an additive bias;
 - groupnorm: GroupNorm(32) + SiLU at the encoder's largest activation, flax's GroupNorm and
-  varjax's (also under `ynn_eltwise`, not taken, and `vector_width_256`, XLA's default width), and
-  torch's;
+  varjax's (also under `ynn_eltwise`, not taken, and `vector_width_256`, XLA's default
+  width), and torch's;
 - conv_form (when named): the largest convolution as NCHW, as 9 shifted products and as one
   im2col product, against the NHWC convolution;
 - cached_attention (when named): the sampler's attention in one d16 block, each scale's

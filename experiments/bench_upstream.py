@@ -21,11 +21,11 @@ this process used for it (steadier than wall time on a shared machine; both libr
 one thread per core), the ratios upstream / varjax (> 1: varjax is faster): of the best
 times, of the medians, and per repetition (`ratio_paired_gmean` with its 95% interval
 `ratio_paired_ci95`: each repetition times both side by side, so its ratio is free of the
-machine's slower drifts; see `paired_ratio`), and per varjax
-variant a check that it computed what upstream did (identical tokens, logits and unit
-differences), so a fast wrong answer cannot pass for a speed-up. `--xla-defaults` adds varjax
-compiled with XLA's default CPU kernels and the einsum attention (the settings before
-varjax/xla_options.py and varjax/attention.py). varjax runs float32 at
+machine's slower drifts; see `paired_ratio`), and per varjax variant a check that it
+computed what upstream did (identical tokens, logits and unit differences), so a fast wrong
+answer cannot pass for a speed-up. `--xla-defaults` adds varjax compiled with XLA's default
+CPU kernels and the einsum attention (the settings before varjax/xla_options.py and
+varjax/attention.py). varjax runs float32 at
 `jax.default_matmul_precision('highest')`, the parity setting; torch uses its CPU defaults
 (float32, `torch.get_num_threads()` threads) under `torch.inference_mode()`.
 """
