@@ -110,6 +110,21 @@ def test_auto_picks_the_backends_kernel():
     assert attention.resolve("fused", jnp.float32, PATCH_NUMS_256) == "fused"
 
 
+def test_an_option_the_jaxlib_rejects_costs_only_itself(monkeypatch):
+    """compiler_options tries each option on its own: one this jaxlib does not know is left
+    out, the others are still taken."""
+    if jax.default_backend() != "cpu":
+        return
+    real = xla_options.compiler_options()
+    bogus = {"xla_cpu_no_such_option_in_any_jaxlib": True}
+    monkeypatch.setattr(xla_options, "COMPILER_OPTIONS", {**xla_options.COMPILER_OPTIONS, **bogus})
+    xla_options.compiler_options.cache_clear()
+    try:
+        assert xla_options.compiler_options() == real
+    finally:
+        xla_options.compiler_options.cache_clear()
+
+
 def test_compiled_programs_get_the_options():
     """Convolutions leave YNNPACK (XLA's own op), products stay on it: the CPU lever of
     varjax/xla_options.py takes effect, and `xla_defaults` undoes it. An option this jaxlib
